@@ -1,0 +1,1 @@
+"""Lab scenarios and the tests that boot guests (see scripts/lab)."""
