@@ -1,0 +1,231 @@
+"""Recorded files: NDJSON, one JSON object per line, every object with "schema" and "type".
+
+Record types (see events.RECORD_*):
+  meta     first line; conntrace version, host facts, kernel, ABI rung, per-netns sysctls
+  event    one Event (Event.to_dict())
+  lost     {"schema":1,"type":"lost","count":N,"total":T,"time":t}: N events lost since the
+           previous lost record (T cumulative) between kernel and user space
+  omitted  {"type":"omitted","netns","peer","reason","verdict","count","bytes"}: events that
+           were counted but not written because the file is bounded (report)
+  summary  last line; totals of the capture (events, lost, duration, filters)
+  top      one `conntrace top --json` snapshot (not needed to replay)
+
+The reader is strict per line and forgiving per file: a bad line is skipped and counted,
+a file with no good record at all is an error naming the file and the first bad line.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import IO, Iterable, Optional
+
+from .events import (Event, SchemaError, check_schema, RECORD_EVENT, RECORD_META, RECORD_LOST,
+                     RECORD_OMITTED, RECORD_SUMMARY, RECORD_TOP, RECORD_TYPES, SCHEMA_VERSION)
+
+MAX_LINE = 1 << 20   # a real record is < 4 KiB; a megabyte line is not ours
+
+
+class RecordingError(Exception):
+    """The recording cannot be used at all; str() is one line naming file and line."""
+
+
+@dataclass
+class Recording:
+    path: str
+    meta: dict = field(default_factory=dict)
+    events: list = field(default_factory=list)
+    lost: int = 0
+    omitted: list = field(default_factory=list)      # omitted records (dicts)
+    summary: Optional[dict] = None
+    skipped: int = 0                                   # bad lines skipped
+    first_skip: str = ""                               # "file:line: why" of the first one
+
+    def skipped_note(self) -> str:
+        if not self.skipped:
+            return ""
+        return (f"{self.path}: skipped {self.skipped} bad line{'s' if self.skipped != 1 else ''}"
+                f" (first: {self.first_skip})")
+
+
+def _check_meta(d: dict) -> dict:
+    for key in ("sysctls", "netns_names", "host"):
+        if key in d and not isinstance(d[key], dict):
+            raise SchemaError(f"field '{key}' must be an object")
+    return d
+
+
+def _check_count(d: dict, key: str = "count") -> int:
+    value = d.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SchemaError(f"field '{key}' must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _check_omitted(d: dict) -> dict:
+    _check_count(d)
+    for key in ("peer", "reason", "verdict"):
+        if not isinstance(d.get(key), str):
+            raise SchemaError(f"field '{key}' must be a string")
+    if isinstance(d.get("netns"), bool) or not isinstance(d.get("netns"), int):
+        raise SchemaError("field 'netns' must be an integer")
+    return d
+
+
+def parse_line(text: str):
+    """Decode one line into (type, payload). Raises SchemaError/ValueError with a short reason."""
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError("not JSON (nested too deeply)") from None
+    if not isinstance(d, dict):
+        raise SchemaError(f"a JSON {type(d).__name__}, not an object")
+    check_schema(d)
+    rtype = d.get("type", RECORD_EVENT)
+    if rtype not in RECORD_TYPES:
+        raise SchemaError(f"unknown record type {rtype!r}")
+    if rtype == RECORD_EVENT:
+        return rtype, Event.from_dict(d)
+    if rtype == RECORD_META:
+        return rtype, _check_meta(d)
+    if rtype == RECORD_LOST:
+        _check_count(d)
+        return rtype, d
+    if rtype == RECORD_OMITTED:
+        return rtype, _check_omitted(d)
+    return rtype, d
+
+
+def read_recording(path: str) -> Recording:
+    """Read a whole recording; RecordingError when nothing in it is usable."""
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise RecordingError(f"{path}: cannot open: {e.strerror or e}") from None
+    with fh:
+        return read_stream(fh, path)
+
+
+def read_stream(fh: IO[bytes], path: str) -> Recording:
+    rec = Recording(path=path)
+    good = 0
+    lineno = 0
+    try:
+        for lineno, raw in enumerate(_lines(fh), start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                if len(raw) > MAX_LINE:
+                    raise ValueError(f"line longer than {MAX_LINE} bytes")
+                text = raw.decode("utf-8")
+                rtype, payload = parse_line(text)
+            except UnicodeDecodeError:
+                rec.skipped += 1
+                rec.first_skip = rec.first_skip or f"{where}: binary data, not UTF-8 text"
+                continue
+            except SchemaError as e:
+                if "newer conntrace" in str(e):
+                    # Skipping would silently drop the whole file: refuse instead.
+                    raise RecordingError(f"{where}: {e}") from None
+                rec.skipped += 1
+                rec.first_skip = rec.first_skip or f"{where}: {e}"
+                continue
+            except ValueError as e:
+                rec.skipped += 1
+                rec.first_skip = rec.first_skip or f"{where}: {e}"
+                continue
+            good += 1
+            if rtype == RECORD_EVENT:
+                rec.events.append(payload)
+            elif rtype == RECORD_META:
+                if not rec.meta:
+                    rec.meta = payload
+            elif rtype == RECORD_LOST:
+                rec.lost += payload["count"]
+            elif rtype == RECORD_OMITTED:
+                rec.omitted.append(payload)
+            elif rtype == RECORD_SUMMARY:
+                rec.summary = payload
+    except OSError as e:
+        raise RecordingError(f"{path}:{lineno + 1}: read error: {e.strerror or e}") from None
+    if good == 0:
+        if lineno == 0 or not rec.skipped:
+            raise RecordingError(f"{path}: empty file, no conntrace records")
+        raise RecordingError(f"{rec.first_skip} (no usable record in the file)")
+    return rec
+
+
+def _lines(fh: IO[bytes]) -> Iterable[bytes]:
+    # readline with a cap so a gigabyte of garbage without newlines cannot exhaust memory
+    while True:
+        line = fh.readline(MAX_LINE + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE and not line.endswith(b"\n"):
+            # drain the rest of this overlong line
+            while True:
+                more = fh.readline(MAX_LINE)
+                if not more or more.endswith(b"\n"):
+                    break
+        yield line
+
+
+class Writer:
+    """Writes records as they come, flushed per line so a killed capture keeps its data."""
+
+    def __init__(self, path: str, anonymizer=None):
+        self.path = path
+        self.anonymizer = anonymizer
+        try:
+            self.fh = open(path, "w", encoding="utf-8")
+        except OSError as e:
+            raise RecordingError(f"{path}: cannot write: {e.strerror or e}") from None
+        self.lost_total = 0
+
+    def _write(self, d: dict):
+        if self.anonymizer is not None:
+            d = self.anonymizer.record(d)
+        self.fh.write(json.dumps(d, separators=(",", ":"), sort_keys=False) + "\n")
+        self.fh.flush()
+
+    def meta(self, **facts):
+        self._write({"schema": SCHEMA_VERSION, "type": RECORD_META, **facts})
+
+    def event(self, ev: Event):
+        self._write(ev.to_dict())
+
+    def lost(self, count: int, when: float):
+        self.lost_total += count
+        self._write({"schema": SCHEMA_VERSION, "type": RECORD_LOST, "count": count,
+                     "total": self.lost_total, "time": when})
+
+    def omitted(self, netns: int, peer: str, reason: str, verdict: str, count: int, nbytes: int = 0):
+        self._write({"schema": SCHEMA_VERSION, "type": RECORD_OMITTED, "netns": netns, "peer": peer,
+                     "reason": reason, "verdict": verdict, "count": count, "bytes": nbytes})
+
+    def summary(self, **totals):
+        self._write({"schema": SCHEMA_VERSION, "type": RECORD_SUMMARY, **totals})
+
+    def raw(self, d: dict):
+        self._write(d)
+
+    def close(self):
+        if not self.fh.closed:
+            self.fh.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def dumps(d: dict) -> str:
+    return json.dumps(d, separators=(",", ":"))
+
+
+def is_readable_path(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.R_OK)
