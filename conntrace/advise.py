@@ -14,7 +14,7 @@ from typing import Optional
 
 from .aggregate import CountRow, rows_from_events
 from .events import (WINDOW_REASONS, TCP_FLAG_WINDOW_SCALE, TCP_FLAG_BE_LIBERAL, U32)
-from .render import explain, fmt_int
+from .render import endpoint, explain, fmt_int
 
 BE_LIBERAL = "nf_conntrack_tcp_be_liberal"
 IGNORE_RST = "nf_conntrack_tcp_ignore_invalid_rst"
@@ -114,6 +114,10 @@ class AdviceInput:
         return [e for e in self.events if pred(e)][:n]
 
 
+def _flow(e) -> str:
+    return f"{endpoint(e.saddr, e.sport)} -> {endpoint(e.daddr, e.dport)}"
+
+
 def kernel_version(release: Optional[str]):
     m = re.match(r"(\d+)\.(\d+)", release or "")
     return (int(m.group(1)), int(m.group(2))) if m else None
@@ -146,9 +150,10 @@ def _by_netns(c: Counter) -> dict:
 def _persist_lines(inp: AdviceInput, netns: int, knob: str, value: int) -> list:
     line = f"net.netfilter.{knob} = {value}"
     if netns == inp.own_netns or netns is None:
-        return [f"echo '{line}' > /etc/sysctl.d/90-conntrace.conf",
-                "echo nf_conntrack > /etc/modules-load.d/nf_conntrack.conf   # the sysctl exists "
-                "only once the module is loaded; without this systemd-sysctl may run first"]
+        return [f"echo '{line}' >> /etc/sysctl.d/90-conntrace.conf",
+                "echo nf_conntrack > /etc/modules-load.d/nf_conntrack.conf",
+                "the second line matters: the sysctl exists only once nf_conntrack is loaded, and "
+                "without it systemd-sysctl may run before the module and skip the setting"]
     return [f"/etc/sysctl.d applies to the host namespace only: add "
             f"`{inp.in_netns(netns, 'sysctl -w net.netfilter.' + knob + '=' + str(value))}` "
             "to whatever creates this namespace (CNI, container runtime hook, systemd unit)"]
@@ -171,7 +176,7 @@ def rule_be_liberal(inp: AdviceInput) -> list:
               f"nf_conntrack_tcp_be_liberal = {'?' if liberal is None else liberal} there"]
         for s in inp.samples(lambda e: e.netns == netns and e.reason in WINDOW_REASONS
                              and e.verdict == "invalid"):
-            ev.append(f"e.g. {s.saddr}:{s.sport} -> {s.daddr}:{s.dport}: {explain(s)}")
+            ev.append(f"e.g. {_flow(s)}: {explain(s)}")
         confidence = "high" if liberal == 0 and total >= 10 else "medium"
         out.append(Advice(
             rule="be-liberal", netns=netns, confidence=confidence, apply="be-liberal",
@@ -201,6 +206,21 @@ def _ack_in_range(e) -> Optional[bool]:
     return ((e.bound - e.ack) % U32) < 2 ** 31 and e.ack != e.bound
 
 
+def _constant_offset(events) -> Optional[str]:
+    """SACK edge minus ACK stays (nearly) the same per connection: a fixed ISN offset."""
+    per_flow: dict = defaultdict(list)
+    for e in events:
+        if e.sack is not None:
+            per_flow[(e.saddr, e.sport, e.daddr, e.dport)].append((e.sack - e.ack) % U32)
+    for flow, diffs in per_flow.items():
+        if len(diffs) >= 3 and max(diffs) - min(diffs) <= 256 * 1024:
+            mid = sorted(diffs)[len(diffs) // 2]
+            return (f"SACK edge minus ACK stays near {fmt_int(mid)} on all {len(diffs)} segments "
+                    f"of {endpoint(flow[0], flow[1])} -> {endpoint(flow[2], flow[3])}: a constant sequence offset, "
+                    "the signature of sequence number randomization")
+    return None
+
+
 def rule_seq_randomization(inp: AdviceInput) -> list:
     """SACK edge beyond the window while ACK is in range -> a sequence-rewriting middlebox."""
     c = inp.counts(lambda r: r.reason == "SACK_OVER")
@@ -213,7 +233,11 @@ def rule_seq_randomization(inp: AdviceInput) -> list:
         ev = [f"{fmt_int(total)} segments whose SACK block lies beyond the data sent while the "
               f"ACK number is in range, from {_peers_text(cn)}"]
         for s in samples[:1]:
-            ev.append(f"e.g. {s.saddr}:{s.sport} -> {s.daddr}:{s.dport}: {explain(s)}")
+            ev.append(f"e.g. {_flow(s)}: {explain(s)}")
+        offset = _constant_offset([e for e in inp.events
+                                   if e.netns == netns and e.reason == "SACK_OVER"])
+        if offset:
+            ev.append(offset)
         confirmed = [s for s in samples if _ack_in_range(s)]
         confidence = "high" if total >= 3 and (confirmed or not samples) else "medium"
         out.append(Advice(
@@ -261,7 +285,7 @@ def rule_window_scale(inp: AdviceInput) -> list:
         ev = [f"{fmt_int(len(evs))} window-check failures on flows where only one direction "
               f"announced window scaling, from "
               + ", ".join(f"{p} ({fmt_int(k)})" for p, k in peers.most_common(3)),
-              f"e.g. {s.saddr}:{s.sport} -> {s.daddr}:{s.dport}: original side "
+              f"e.g. {_flow(s)}: original side "
               f"{'WSCALE' if a.flags & TCP_FLAG_WINDOW_SCALE else 'no WSCALE'} td_scale "
               f"{a.td_scale}, reply side {'WSCALE' if b.flags & TCP_FLAG_WINDOW_SCALE else 'no WSCALE'}"
               f" td_scale {b.td_scale}; conntrack then tracks both windows unscaled"]
@@ -294,7 +318,7 @@ def rule_invalid_rst(inp: AdviceInput) -> list:
               f"{_peers_text(cn)}",
               f"nf_conntrack_tcp_ignore_invalid_rst = {'?' if knob is None else knob} there"]
         for s in inp.samples(lambda e: e.netns == netns and e.reason == "INVALID_RST"):
-            ev.append(f"e.g. {s.saddr}:{s.sport} -> {s.daddr}:{s.dport}: {explain(s)}")
+            ev.append(f"e.g. {_flow(s)}: {explain(s)}")
         actions = [inp.in_netns(netns, f"sysctl -w net.netfilter.{IGNORE_RST}=1"),
                    f"or: conntrace advise --apply ignore-invalid-rst --netns "
                    f"{inp.apply_target(netns)}",
@@ -354,7 +378,7 @@ def rule_asymmetric_routing(inp: AdviceInput) -> list:
             ev.append(f"{fmt_int(sum(cn.values()))} segments not allowed in their TCP state from "
                       f"{_peers_text(cn)}")
             for s in inp.samples(lambda e: e.netns == netns and e.reason == "INVALID_STATE"):
-                ev.append(f"e.g. {s.saddr}:{s.sport} -> {s.daddr}:{s.dport}: {explain(s)} "
+                ev.append(f"e.g. {_flow(s)}: {explain(s)} "
                           f"kernel: {s.message!r}")
         ns_one = [e for e in one_sided if e.netns == netns]
         if ns_one:

@@ -39,8 +39,9 @@ def from_probe_rows(rows: Iterable) -> list:
     """Normalise the probe's AggregateRow objects (they may lack local/port)."""
     out = []
     for r in rows:
-        lport = getattr(r, "dport", None)
-        laddr = getattr(r, "daddr", None)
+        # decode.AggregateRow names them local/local_port; accept daddr/dport as well
+        lport = getattr(r, "local_port", getattr(r, "dport", None))
+        laddr = getattr(r, "local", getattr(r, "daddr", None))
         out.append(CountRow(netns=r.netns, peer=r.peer, reason=r.reason, verdict=r.verdict,
                             packets=r.packets, bytes=r.bytes, first_seen=r.first_seen,
                             last_seen=r.last_seen, family=getattr(r, "family", 4),

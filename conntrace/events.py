@@ -103,7 +103,7 @@ class Event:
     message: str                # the kernel's own text, as it would log it
     bound: Optional[int]        # the limit the value crossed (kernel's %u, or recomputed)
     distance: Optional[int]     # how far outside the bound, in bytes (None when not a window reason)
-    family: int                 # 4 or 6
+    family: int                 # 4 or 6 (0: the packet could not be read; no addresses)
     saddr: str                  # sender of the rejected segment
     sport: int
     daddr: str
@@ -153,6 +153,8 @@ class Event:
         if rtype != RECORD_EVENT:
             raise SchemaError(f"record type {rtype!r} is not an event")
         v = _Validator(d)
+        family = v.choice("family", (0, 4, 6))
+        unread = family == 0      # the probe could not read the packet: no addresses
         ev = cls(
             time=v.number("time"),
             netns=v.integer("netns", 0, 2 ** 64 - 1),
@@ -161,10 +163,10 @@ class Event:
             message=v.string("message"),
             bound=v.integer("bound", 0, U32 - 1, optional=True),
             distance=v.integer("distance", -(U32 - 1), U32 - 1, optional=True),
-            family=v.choice("family", (4, 6)),
-            saddr=v.address("saddr"),
+            family=family,
+            saddr=v.address("saddr", allow_empty=unread),
             sport=v.integer("sport", 0, 65535),
-            daddr=v.address("daddr"),
+            daddr=v.address("daddr", allow_empty=unread),
             dport=v.integer("dport", 0, 65535),
             seq=v.integer("seq", 0, U32 - 1),
             ack=v.integer("ack", 0, U32 - 1),
@@ -174,7 +176,7 @@ class Event:
             flags=v.string("flags"),
             payload=v.integer("payload", 0, 2 ** 32),
             dir=v.choice("dir", DIRECTIONS),
-            ct_state=v.choice("ct_state", TCP_STATES),
+            ct_state=v.state("ct_state"),
             ct_status=v.string_list("ct_status", default=[]),
             orig=v.tuple("orig"),
             reply=v.tuple("reply"),
@@ -252,6 +254,13 @@ class _Validator:
         if isinstance(value, bool) or value not in allowed:
             raise self._bad(key, "one of " + ", ".join(str(a) for a in allowed), value)
         return value
+
+    def state(self, key):
+        value = self._get(key)
+        # decode prints an out-of-table state number as digits rather than guessing a name
+        if isinstance(value, str) and (value in TCP_STATES or value.isdigit()):
+            return value
+        raise self._bad(key, "one of " + ", ".join(TCP_STATES), value)
 
     def address(self, key, allow_empty=False):
         value = self.string(key, default="" if allow_empty else _MISSING)

@@ -5,7 +5,9 @@ WIDTH columns so a 120-column terminal never wraps.
 """
 from __future__ import annotations
 
+import re
 import sys
+import textwrap
 import time as _time
 from typing import Iterable, Optional
 
@@ -102,14 +104,19 @@ def checked_value(ev: Event):
 
 
 def off_by(ev: Event) -> Optional[int]:
-    """Bytes outside the bound: the decoder's distance, else recomputed from the bound."""
+    """Bytes outside the bound (>= 1 when the check failed), as decode computes them.
+
+    The bound is the first out-of-range value, so a value equal to it is 1 byte out.
+    """
     if ev.distance is not None:
         return ev.distance
     if ev.bound is None or ev.reason not in ("SEQ_OVER", "ACK_OVER", "SACK_OVER", "SEQ_UNDER",
-                                             "ACK_UNDER", "OVERSHOT"):
+                                             "ACK_UNDER"):
         return None
     _, value = checked_value(ev)
-    return _u32_diff(value, ev.bound)
+    if ev.reason in ("SEQ_UNDER", "ACK_UNDER"):
+        return _u32_diff(ev.bound, value) + 1
+    return _u32_diff(value, ev.bound) + 1
 
 
 def explain(ev: Event) -> str:
@@ -122,8 +129,9 @@ def explain(ev: Event) -> str:
     receiver_side = ev.seen[1 if ev.dir == "original" else 0]
     sender_side = ev.seen[0 if ev.dir == "original" else 1]
     r = ev.reason
+    edge = g((ev.bound - 1) % U32) if ev.bound is not None else "?"
     if r == "SEQ_OVER":
-        return (f"seq {ev.seq} lies {dist} bytes beyond the receiver's window edge {b} "
+        return (f"seq {ev.seq} lies {dist} bytes beyond the receiver's window edge {edge} "
                 f"(the {sender} side may send up to td_maxend {sender_side.td_maxend}).")
     if r == "OVERSHOT":
         return (f"the segment ({g(ev.payload)} bytes from seq {ev.seq}) ends {dist} bytes past "
@@ -223,9 +231,11 @@ def trace_footer(shown: int, filtered: int, lost: int, seconds: float) -> str:
 
 
 def trace_legend() -> str:
-    return ("ST: conntrack TCP state (ES established, SS syn_sent, SR syn_recv, FW fin_wait, "
-            "CW close_wait, LA last_ack, TW time_wait, CL close); SEQ/ACK/SACK: the number "
-            "the reason is about")
+    return "\n".join(textwrap.wrap(
+        "ST: conntrack TCP state (ES established, SS syn_sent, SR syn_recv, FW fin_wait, "
+        "CW close_wait, LA last_ack, TW time_wait, CL close, S2 syn_sent2). SEQ/ACK/SACK: the "
+        "number the reason is about. BOUND: the first value outside the window, as the kernel "
+        "prints it. OFF-BY: bytes beyond it.", width=WIDTH))
 
 
 # ---- top ------------------------------------------------------------------------------
@@ -243,7 +253,7 @@ def reasons_cell(reasons, n: int = 3) -> str:
 
 
 def top_table(groups: list, by: str, now: float, owners: Optional[dict] = None,
-              limit: int = 20) -> str:
+              limit: int = 20, absolute: bool = False) -> str:
     """One table, sorted as given (by rate). owners: peer -> 'local endpoint (pid/comm)'."""
     owners = owners or {}
     headers_by = {"peer": "PEER", "pair": "PEER -> LOCAL", "port": "LOCAL PORT",
@@ -257,7 +267,8 @@ def top_table(groups: list, by: str, now: float, owners: Optional[dict] = None,
         elif by in ("pair", "port", "reason", "netns"):
             extra = _peers_cell(g) if by != "pair" else (owners.get(g.key[0]) or "")
         rows.append([label, elide(extra, 28), reasons_cell(g.reasons, 2 if by == "pair" else 3),
-                     fmt_rate(g.rate), fmt_int(g.packets), fmt_ago(g.last_seen, now)])
+                     fmt_rate(g.rate), fmt_int(g.packets),
+                     fmt_time(g.last_seen) if absolute and g.last_seen else fmt_ago(g.last_seen, now)])
     second = {"peer": "LOCAL (PROCESS)", "pair": "PROCESS", "port": "PEERS", "netns": "PEERS",
               "reason": "PEERS"}[by]
     table = tabulate(rows, headers=[headers_by[by], second, "TOP REASONS", "INVALID/S", "TOTAL",
@@ -277,9 +288,13 @@ def _locals_cell(g) -> str:
     return first + (f" +{len(g.locals) - 1}" if len(g.locals) > 1 else "")
 
 
-def _peers_cell(g) -> str:
-    peers = sorted(g.peers)
-    return ", ".join(peers[:2]) + (f" +{len(peers) - 2}" if len(peers) > 2 else "")
+def _peers_cell(g, width: int = 28) -> str:
+    peers = sorted(g.peers, key=lambda p: (len(p), p))
+    for n in (2, 1):
+        text = ", ".join(peers[:n]) + (f" +{len(peers) - n}" if len(peers) > n else "")
+        if len(text) <= width or n == 1:
+            return text
+    return ""
 
 
 def top_header(when: float, rung: str, knobs: dict, invalid_delta: Optional[int], lost: int,
@@ -309,19 +324,38 @@ def _knob(k: dict, name: str) -> str:
 
 # ---- advice ---------------------------------------------------------------------------
 
+_COMMAND_RE = re.compile(r"(sysctl|ip netns|nsenter|echo|ethtool|tcpdump|nft|iptables|conntrace) ")
+
+
+def is_command(s: str) -> bool:
+    return bool(_COMMAND_RE.match(s))
+
+
+def _wrapped(label: str, text: str, width: int = WIDTH) -> list:
+    """'    do:       text' wrapped with a hanging indent; commands stay on one line to copy."""
+    first = f"    {label:<10} "
+    if is_command(text) or len(first) + len(text) <= width:
+        return [first + text]
+    return textwrap.wrap(text, width=width, initial_indent=first,
+                         subsequent_indent=" " * len(first), break_on_hyphens=False,
+                         break_long_words=False)
+
+
 def advice_text(advice: Iterable, verbose: bool = True) -> str:
     out = []
     for a in advice:
-        out.append(f"[{a.confidence}] {a.title}  (rule: {a.rule})")
-        for e in a.evidence:
-            out.append(f"    evidence: {e}")
+        out += textwrap.wrap(f"[{a.confidence}] {a.title}  (rule: {a.rule})", width=WIDTH,
+                             subsequent_indent="    ", break_on_hyphens=False)
+        evidence = a.evidence if verbose else a.evidence[:1]
+        for e in evidence:
+            out += _wrapped("evidence:", e)
         if verbose:
             for c in a.actions:
-                out.append(f"    do:       {c}")
+                out += _wrapped("do:", c)
             for p in a.persist:
-                out.append(f"    persist:  {p}")
+                out += _wrapped("persist:", p)
             for t in a.tradeoffs:
-                out.append(f"    trade-off: {t}")
+                out += _wrapped("trade-off:", t)
         out.append("")
     return "\n".join(out).rstrip() + ("\n" if out else "")
 

@@ -20,7 +20,7 @@ from .advise import Advice, AdviceInput, advise
 from .aggregate import CountRow, peer_reason_table, rows_from_events, totals_by_verdict
 from .events import SCHEMA_VERSION, REASONS, Event
 from .ndjson import Recording, Writer
-from .render import explain, fmt_datetime, fmt_int, window_side_cell
+from .render import endpoint, explain, fmt_datetime, fmt_int, window_side_cell
 
 DEFAULT_MAX_EVENTS = 10_000
 SAMPLES_PER_KEY = 3          # kept per (peer, reason) once the budget is spent
@@ -319,17 +319,19 @@ def markdown(rep: dict) -> str:
         out.append(s["explanation"])
         out.append("")
         out.append(f"- kernel: `{ev.message}`")
-        out.append(f"- {ev.saddr}:{ev.sport} -> {ev.daddr}:{ev.dport}, {ev.dir} direction, "
+        out.append(f"- {endpoint(ev.saddr, ev.sport)} -> {endpoint(ev.daddr, ev.dport)}, {ev.dir} direction, "
                    f"netns {ev.netns}, state {ev.ct_state}"
                    + (f", status {'|'.join(ev.ct_status)}" if ev.ct_status else ""))
         if ev.orig.src and (ev.orig.src, ev.orig.dst) != (ev.reply.dst, ev.reply.src):
-            out.append(f"- NAT: original {ev.orig.src}:{ev.orig.sport} -> {ev.orig.dst}:"
-                       f"{ev.orig.dport}, reply {ev.reply.src}:{ev.reply.sport} -> "
-                       f"{ev.reply.dst}:{ev.reply.dport}")
+            out.append(f"- NAT: original {endpoint(ev.orig.src, ev.orig.sport)} -> "
+                       f"{endpoint(ev.orig.dst, ev.orig.dport)}, reply "
+                       f"{endpoint(ev.reply.src, ev.reply.sport)} -> "
+                       f"{endpoint(ev.reply.dst, ev.reply.dport)}")
         out.append(f"- segment: flags {ev.flags or '-'} seq {ev.seq} ack {ev.ack} sack "
                    f"{ev.sack if ev.sack is not None else '-'} win {ev.win} (scaled "
-                   f"{ev.win_scaled}) payload {ev.payload}; bound {ev.bound}, off by "
-                   f"{ev.distance}")
+                   f"{ev.win_scaled}) payload {ev.payload}; bound "
+                   f"{'-' if ev.bound is None else ev.bound}, off by "
+                   f"{'-' if ev.distance is None else ev.distance}")
         out.append(f"- original side: {window_side_cell(ev.seen[0])}")
         out.append(f"- reply side: {window_side_cell(ev.seen[1])}")
         out.append("")
@@ -357,8 +359,8 @@ def markdown(rep: dict) -> str:
 
 
 def _is_command(s: str) -> bool:
-    return bool(re.match(r"(sysctl|ip netns|nsenter|echo|ethtool|tcpdump|nft|iptables|conntrace) ",
-                         s))
+    from .render import is_command
+    return is_command(s)
 
 
 # ---- writing --------------------------------------------------------------------------

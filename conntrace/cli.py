@@ -1,0 +1,780 @@
+"""Command line: conntrace trace | top | advise | report | doctor.
+
+The probe (BPF, bcc) is imported only when a live command runs, so `--from FILE` replay,
+`--help` and the unit tests work on machines without bcc or root.  Expected failures
+become one line on stderr and a non-zero exit status, never a traceback.
+"""
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from typing import Optional
+
+import click
+
+from . import __version__
+from .advise import APPLY, AdviceInput, advise as run_rules
+from .aggregate import (GROUPINGS, from_probe_rows, group_rows, recording_span, rows_from_events,
+                        with_rates)
+from .anonymize import Anonymizer
+from .events import REASONS, VERDICTS, SCHEMA_VERSION, RECORD_TOP, RECORD_SUMMARY
+from .ndjson import RecordingError, Writer, dumps, read_recording
+from . import render, sysctl
+from .report import (Capture, EventBudget, capture_from_recording, collect_ruleset, host_facts,
+                     write_bundle)
+from .sysctl import SysctlError
+
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
+
+
+# ---- plumbing shared by the commands --------------------------------------------------
+
+class Fail(click.ClickException):
+    """One-line error, exit status 1."""
+
+    def show(self, file=None):
+        click.echo(f"conntrace: {self.format_message()}", err=True)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (RecordingError, SysctlError) as e:
+            raise Fail(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except Exception as e:
+            # The probe's ProbeError is a one-line user message by contract; the class comes
+            # from a lazily imported module, so match it by name.
+            if type(e).__name__ == "ProbeError":
+                raise Fail(str(e)) from None
+            raise
+
+
+def load_probe():
+    """Import the BPF probe only now; without bcc say what to install."""
+    try:
+        from . import probe
+    except ImportError as e:
+        raise Fail(f"the BPF probe cannot be loaded ({e}); run `conntrace doctor`, or replay a "
+                   "recording with --from FILE") from None
+    return probe
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def require_root(command: str):
+    if not is_root():
+        raise Fail(f"`conntrace {command}` needs root to load BPF programs: run it with sudo "
+                   "(replaying a recording with --from FILE needs no root)")
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM behaves like Ctrl-C: the command's finally blocks detach the probe."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:      # not the main thread (tests): Ctrl-C handling still applies
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def make_anonymizer(anonymize: bool, keep_prefix: Optional[int]) -> Optional[Anonymizer]:
+    if keep_prefix is not None and not anonymize:
+        raise click.BadParameter("only makes sense with --anonymize",
+                                 param_hint="--anonymize-keep-prefix")
+    return Anonymizer(keep_prefix=keep_prefix) if anonymize else None
+
+
+def _cidr(ctx, param, values):
+    out = []
+    for v in values or ():
+        try:
+            out.append(ipaddress.ip_network(v, strict=False))
+        except ValueError:
+            raise click.BadParameter(f"{v!r} is not an address or CIDR (e.g. 203.0.113.0/24)")
+    return tuple(out)
+
+
+def _upper(ctx, param, values):
+    return tuple(v.upper() for v in values or ())
+
+
+class EventFilter:
+    """The user's --peer/--port/--netns/--reason/--verdict, applied in user space."""
+
+    def __init__(self, peers=(), port=None, netns=None, reasons=(), verdicts=()):
+        self.peers, self.port, self.netns = peers, port, netns
+        self.reasons, self.verdicts = set(reasons), set(verdicts)
+
+    def __call__(self, ev) -> bool:
+        if self.netns is not None and ev.netns != self.netns:
+            return False
+        if self.port is not None and self.port not in (ev.sport, ev.dport):
+            return False
+        if self.reasons and ev.reason not in self.reasons:
+            return False
+        if self.verdicts and ev.verdict not in self.verdicts:
+            return False
+        if self.peers:
+            try:
+                addrs = [ipaddress.ip_address(ev.saddr), ipaddress.ip_address(ev.daddr)]
+            except ValueError:
+                return False
+            if not any(a in net for a in addrs for net in self.peers if a.version == net.version):
+                return False
+        return True
+
+
+def read_replay(path: str):
+    rec = read_recording(path)
+    if rec.skipped:
+        click.echo(f"conntrace: {rec.skipped_note()}", err=True)
+    return rec
+
+
+def _knobs_for(inodes, cache: dict, nsmap: Optional[dict] = None) -> dict:
+    missing = [i for i in inodes if i not in cache]
+    if missing:
+        try:
+            cache.update(sysctl.read_all_sysctls(missing, nsmap))
+        except SysctlError:
+            cache.update({i: {} for i in missing})
+    return {i: cache.get(i, {}) for i in inodes}
+
+
+def _netns_names_json(nsmap: dict) -> dict:
+    return {str(k): v for k, v in nsmap.items()}
+
+
+def _short_names(nsmap: dict, own: Optional[int]) -> dict:
+    out = {}
+    for ino, entry in (nsmap or {}).items():
+        ino = int(ino)
+        if ino == own:
+            out[ino] = f"host({ino})"
+        elif entry.get("names"):
+            out[ino] = f"{entry['names'][0]}({ino})"
+    return out
+
+
+def print_advice(advice, out=click.echo, verbose=True):
+    if not advice:
+        return
+    out("")
+    out("Advice:")
+    out(render.advice_text(advice, verbose=verbose).rstrip())
+
+
+def _plan_and_warn(mod):
+    plan = mod.plan_attach()
+    if getattr(plan, "missing", None):
+        click.echo(f"conntrace: rung {plan.rung}: cannot attach {', '.join(plan.missing)}; "
+                   "events from those functions will be missed", err=True)
+    return plan
+
+
+def _probe_filters(mod, netns, port):
+    pf = getattr(mod, "ProbeFilters", None)
+    return pf(netns=netns, port=port) if pf else None
+
+
+# ---- the CLI ----------------------------------------------------------------------------
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"],
+                                           "max_content_width": 100})
+@click.version_option(__version__, prog_name="conntrace")
+def cli():
+    """See why Linux conntrack marks TCP segments INVALID, with the kernel's own numbers."""
+
+
+_filter_options = [
+    click.option("--peer", "peers", multiple=True, callback=_cidr, metavar="CIDR",
+                 help="Only segments from or to this address/network (repeatable)."),
+    click.option("--port", type=click.IntRange(1, 65535), help="Only segments with this port."),
+    click.option("--netns", "netns", type=click.IntRange(min=1), metavar="INODE",
+                 help="Only this network namespace (inode, see `lsns -t net`)."),
+    click.option("--reason", "reasons", multiple=True, callback=_upper,
+                 type=click.Choice(sorted(REASONS), case_sensitive=False),
+                 help="Only these reasons (repeatable)."),
+    click.option("--verdict", "verdicts", multiple=True,
+                 type=click.Choice(VERDICTS), help="Only these verdicts (repeatable)."),
+]
+
+_anon_options = [
+    click.option("--anonymize", is_flag=True,
+                 help="Replace every IP address by a consistent pseudonym, drop hostnames."),
+    click.option("--anonymize-keep-prefix", type=click.IntRange(1, 127), metavar="BITS",
+                 help="With --anonymize: addresses sharing this many leading bits share a "
+                      "pseudonymous prefix (e.g. 24)."),
+]
+
+
+def _apply_options(options):
+    def deco(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return deco
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="NDJSON on stdout, one record per line.")
+@click.option("--write", "write_path", type=click.Path(dir_okay=False, writable=True),
+              metavar="FILE", help="Also record NDJSON to FILE while showing the table.")
+@_apply_options(_filter_options)
+@click.option("--count", type=click.IntRange(min=1), help="Stop after N events.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              help="Stop after S seconds.")
+@click.option("--from", "from_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Replay a recording instead of tracing (no BPF, no root).")
+@_apply_options(_anon_options)
+def trace(as_json, write_path, peers, port, netns, reasons, verdicts, count, duration, from_path,
+          anonymize, anonymize_keep_prefix):
+    """One line per TCP segment conntrack rejects or ignores, reason first."""
+    anon = make_anonymizer(anonymize, anonymize_keep_prefix)
+    keep = EventFilter(peers, port, netns, reasons, verdicts)
+    session = TraceSession(as_json=as_json, anonymizer=anon, count=count)
+    if from_path:
+        rec = read_replay(from_path)
+        session.open_writer(write_path, rec.meta)
+        for ev in rec.events:
+            if session.offer(ev, keep):
+                break
+        session.lost = rec.lost
+        times = [e.time for e in rec.events]
+        span = (max(times) - min(times)) if times else 0.0
+        session.finish(span, meta=rec.meta, summary=rec.summary)
+        return
+    mod = load_probe()
+    require_root("trace")
+    plan = _plan_and_warn(mod)
+    nsmap = sysctl.netns_map()
+    own = sysctl.own_netns_inode()
+    meta = {"host": host_facts(plan), "rung": plan.rung, "own_netns": own,
+            "netns_names": _netns_names_json(nsmap),
+            "sysctls": {str(own): sysctl.read_sysctls()} if own else {},
+            "filters": {"peer": [str(p) for p in peers], "port": port, "netns": netns,
+                        "reason": list(reasons), "verdict": list(verdicts)}}
+    session.open_writer(write_path, meta)
+    started = time.time()
+    probe = mod.Probe(plan, aggregate=False, events=True, filters=_probe_filters(mod, netns, port))
+    with stop_on_signals():
+        try:
+            probe.start()
+            if not as_json:
+                click.echo(f"Tracing conntrack INVALID/ignored TCP segments (rung {plan.rung})"
+                           "... Hit Ctrl-C to end.", err=True)
+            done = False
+            while not done:
+                if duration and time.time() - started >= duration:
+                    break
+                for ev in probe.poll(timeout_ms=100):
+                    if session.offer(ev, keep):
+                        done = True
+                        break
+                session.note_lost(probe.lost_events())
+        except KeyboardInterrupt:
+            pass
+        finally:
+            try:
+                session.note_lost(probe.lost_events())
+            except Exception:
+                pass
+            probe.close()
+    involved = sorted({e.netns for e in session.budget.kept} | ({own} if own else set()))
+    sysctls = {str(k): v for k, v in _knobs_for(involved, {}, nsmap).items()}
+    session.finish(time.time() - started, meta={**meta, "sysctls": sysctls},
+                   summary={"sysctls": sysctls})
+
+
+class TraceSession:
+    """Shows, writes and counts the events of one trace run (live or replayed)."""
+
+    def __init__(self, as_json=False, anonymizer=None, count=None):
+        self.as_json = as_json
+        self.anon = anonymizer
+        self.count = count
+        self.writer: Optional[Writer] = None
+        self.shown = 0
+        self.filtered = 0
+        self.lost = 0
+        self.budget = EventBudget()
+        self.header_done = False
+
+    def open_writer(self, path, meta):
+        if not path:
+            return
+        self.writer = Writer(path, anonymizer=self.anon)
+        clean = {k: v for k, v in (meta or {}).items() if k not in ("schema", "type")}
+        self.writer.meta(**{**clean, "started": time.time(), "anonymized": self.anon is not None})
+
+    def offer(self, ev, keep) -> bool:
+        """Show/write one event if it passes the filters; True when --count is reached."""
+        if not keep(ev):
+            self.filtered += 1
+            return False
+        if self.anon is not None:
+            ev = self.anon.event(ev)
+        self.shown += 1
+        self.budget.add(ev)
+        if self.writer:
+            self.writer.event(ev)
+        if self.as_json:
+            click.echo(dumps(ev.to_dict()))
+        else:
+            if not self.header_done:
+                click.echo(render.trace_header())
+                self.header_done = True
+            click.echo(render.trace_line(ev))
+        return self.count is not None and self.shown >= self.count
+
+    def note_lost(self, cumulative: int):
+        if cumulative is None or cumulative <= self.lost:
+            return
+        new = cumulative - self.lost
+        self.lost = cumulative
+        now = time.time()
+        if self.writer:
+            self.writer.lost(new, now)
+        if self.as_json:
+            click.echo(dumps({"schema": SCHEMA_VERSION, "type": "lost", "count": new,
+                              "total": cumulative, "time": now}))
+        else:
+            click.echo(render.lost_line(new, cumulative))
+
+    def finish(self, seconds: float, meta: Optional[dict] = None, summary: Optional[dict] = None):
+        meta = meta or {}
+        summary = summary or {}
+        sysctls = dict(meta.get("sysctls") or {})
+        sysctls.update(summary.get("sysctls") or {})
+        inp = AdviceInput(events=self.budget.kept,
+                          rows=rows_from_events(self.budget.kept, self.budget.omitted_records()),
+                          sysctls=sysctls, netns_names=meta.get("netns_names") or {},
+                          own_netns=meta.get("own_netns"),
+                          kernel=(meta.get("host") or {}).get("kernel"))
+        advice = run_rules(inp)
+        totals = {"events": self.shown, "filtered": self.filtered, "lost": self.lost,
+                  "duration": round(seconds, 3), "ended": time.time()}
+        if self.writer:
+            self.writer.summary(**totals, sysctls=sysctls)
+            self.writer.close()
+        if self.as_json:
+            rec = {"schema": SCHEMA_VERSION, "type": RECORD_SUMMARY, **totals,
+                   "advice": [a.to_dict() for a in advice]}
+            click.echo(dumps(self.anon.record(rec) if self.anon else rec))
+            return
+        if not self.header_done:
+            click.echo(render.trace_header())
+        click.echo(render.trace_footer(self.shown, self.filtered, self.lost, seconds))
+        if self.shown:
+            click.echo(render.trace_legend())
+        if self.anon:
+            advice = [_anon_advice(self.anon, a) for a in advice]
+        print_advice(advice)
+
+
+def _anon_advice(anon, a):
+    from .advise import Advice
+    return Advice(**anon.record(a.to_dict()))
+
+
+# ---- top ----------------------------------------------------------------------------------
+
+def _owners(peers) -> dict:
+    """peer address -> 'local:port pid/comm' for connections that terminate on this host."""
+    try:
+        import psutil
+        conns = psutil.net_connections(kind="tcp")
+    except Exception:       # psutil missing, or no permission: the column stays empty
+        return {}
+    want = set(peers)
+    out = {}
+    for c in conns:
+        if not c.raddr or c.raddr.ip not in want or c.raddr.ip in out:
+            continue
+        who = ""
+        if c.pid:
+            try:
+                who = f" {c.pid}/{psutil.Process(c.pid).name()}"
+            except Exception:
+                who = f" {c.pid}"
+        out[c.raddr.ip] = render.endpoint(c.laddr.ip, c.laddr.port) + who
+    return out
+
+
+def _snapshot(groups, by, when, interval, rung, knobs, invalid_delta, lost, overflow) -> dict:
+    return {"schema": SCHEMA_VERSION, "type": RECORD_TOP, "time": when, "interval": interval,
+            "by": by, "rung": rung, "lost": lost, "map_overflow": overflow,
+            "conntrack_invalid_delta": invalid_delta,
+            "sysctls": {str(k): v for k, v in knobs.items()},
+            "groups": [{"key": list(g.key), "label": g.label, "packets": g.packets,
+                        "invalid": g.invalid, "bytes": g.bytes, "rate": round(g.rate, 3),
+                        "total_rate": round(g.total_rate, 3), "first_seen": g.first_seen,
+                        "last_seen": g.last_seen, "netns": sorted(g.netns),
+                        "peers": sorted(g.peers),
+                        "reasons": [{"reason": r, "verdict": v, "packets": k}
+                                    for (r, v), k in g.reasons.most_common()]}
+                       for g in groups]}
+
+
+def _screen_rows(extra_lines: int) -> int:
+    lines = shutil.get_terminal_size((120, 40)).lines
+    return max(lines - extra_lines, 5)
+
+
+@cli.command()
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              metavar="S", help="Seconds between refreshes.")
+@click.option("--by", type=click.Choice(GROUPINGS), default="peer", show_default=True,
+              help="Group rows by sender, sender->local pair, local port, netns or reason.")
+@click.option("--json", "as_json", is_flag=True, help="One NDJSON snapshot per interval.")
+@click.option("--from", "from_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="One final table from a recording (no BPF, no root).")
+@click.option("--count", type=click.IntRange(min=1), help="Stop after N intervals.")
+@_apply_options(_anon_options)
+def top(interval, by, as_json, from_path, count, anonymize, anonymize_keep_prefix):
+    """Who sends the segments conntrack rejects, why, and how fast (counted in the kernel)."""
+    anon = make_anonymizer(anonymize, anonymize_keep_prefix)
+    if from_path:
+        return _top_replay(from_path, by, as_json, anon)
+    mod = load_probe()
+    require_root("top")
+    plan = _plan_and_warn(mod)
+    nsmap = sysctl.netns_map()
+    own = sysctl.own_netns_inode()
+    names = _short_names(nsmap, own)
+    tty = sys.stdout.isatty() and not as_json
+    knob_cache: dict = {}
+    stats = StatTracker(nsmap, own)
+    probe = mod.Probe(plan, aggregate=True, events=False)
+    prev_groups = None
+    n = 0
+    last = time.time()
+    with stop_on_signals():
+        try:
+            probe.start()
+            if not tty and not as_json:
+                click.echo(f"Counting conntrack INVALID/ignored TCP segments (rung {plan.rung}), "
+                           f"output every {interval:g} s. Hit Ctrl-C to end.", err=True)
+            while count is None or n < count:
+                time.sleep(interval)
+                now = time.time()
+                rows = from_probe_rows(probe.read_aggregates())
+                if anon:
+                    rows = [_anon_row(anon, r) for r in rows]
+                groups = group_rows(rows, by)
+                ordered = with_rates(groups, prev_groups, now - last)
+                prev_groups, last = groups, now
+                seen_ns = sorted({r.netns for r in rows} | ({own} if own else set()))
+                knobs = _knobs_for(seen_ns, knob_cache, nsmap)
+                inv_delta = stats.delta(seen_ns)
+                lost, overflow = probe.lost_events(), probe.aggregate_overflow()
+                n += 1
+                if as_json:
+                    click.echo(dumps(_snapshot(ordered, by, now, interval, plan.rung, knobs,
+                                               inv_delta, lost, overflow)))
+                    continue
+                header = render.top_header(now, plan.rung, knobs, inv_delta, lost, overflow,
+                                           interval, names)
+                owners = {} if anon else _owners([g.label for g in ordered[:40]]) \
+                    if by == "peer" else {}
+                adv = run_rules(AdviceInput(rows=rows, sysctls=knobs,
+                                            netns_names=_netns_names_json(nsmap), own_netns=own,
+                                            kernel=os.uname().release))
+                advice_lines = render.advice_text(adv, verbose=False).splitlines() if adv else []
+                limit = _screen_rows(header.count("\n") + 4 + len(advice_lines)) if tty else 20
+                body = render.top_table(ordered, by, now, owners, limit=limit) if ordered \
+                    else "(no INVALID or ignored segments yet)"
+                screen = header + "\n\n" + body + ("\n\n" + "\n".join(advice_lines)
+                                                   if advice_lines else "")
+                if tty:
+                    click.echo("\033[H\033[2J" + screen)
+                else:
+                    click.echo(screen + "\n")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            probe.close()
+
+
+def _anon_row(anon, row):
+    row.peer = anon.address(row.peer)
+    if row.local:
+        row.local = anon.scrub(row.local)
+    return row
+
+
+class StatTracker:
+    """conntrack's own invalid counter, summed over CPUs and over the namespaces seen."""
+
+    def __init__(self, nsmap, own):
+        self.nsmap, self.own = nsmap, own
+        self.prev: dict = {}
+
+    def _read(self, ino):
+        if ino == self.own:
+            return sysctl.read_conntrack_stat()
+        pids = (self.nsmap.get(ino) or {}).get("pids") or []
+        return sysctl.read_conntrack_stat(pids[0]) if pids else None
+
+    def delta(self, inodes) -> Optional[int]:
+        total, known = 0, False
+        for ino in inodes:
+            cur = self._read(ino)
+            if cur is None:
+                continue
+            before = self.prev.get(ino)
+            self.prev[ino] = cur
+            if before is not None:
+                total += cur.get("invalid", 0) - before.get("invalid", 0)
+                known = True
+        return total if known else None
+
+
+def _top_replay(path, by, as_json, anon):
+    rec = read_replay(path)
+    cap = capture_from_recording(rec, anon)
+    rows = cap.all_rows()
+    groups = group_rows(rows, by)
+    span = recording_span(rows, cap.events)
+    ordered = with_rates(groups, None, span)
+    meta = cap.meta
+    knobs = {int(k): v for k, v in (cap.sysctls or {}).items()}
+    rung = meta.get("rung") or (meta.get("host") or {}).get("rung") or "?"
+    now = max([g.last_seen for g in ordered] + [cap.end or 0.0])
+    if as_json:
+        click.echo(dumps(_snapshot(ordered, by, now, span, rung, knobs,
+                                   (cap.stat_delta or {}).get("invalid"), rec.lost, 0)))
+        return
+    names = _short_names({int(k): v for k, v in (meta.get("netns_names") or {}).items()},
+                         meta.get("own_netns"))
+    click.echo(render.top_header(now, rung, knobs, (cap.stat_delta or {}).get("invalid"),
+                                 rec.lost, 0, span, names,
+                                 source=f"replay of {os.path.basename(path)}, "
+                                        f"{span:.0f} s recorded, rates are averages"))
+    click.echo("")
+    click.echo(render.top_table(ordered, by, now, absolute=True) if ordered
+               else "(no events in the recording)")
+    adv = run_rules(AdviceInput(events=cap.events, rows=rows, sysctls=knobs,
+                                netns_names=meta.get("netns_names") or {},
+                                own_netns=meta.get("own_netns"),
+                                kernel=(meta.get("host") or {}).get("kernel")))
+    if adv:
+        click.echo("")
+        click.echo(render.advice_text(adv, verbose=False).rstrip())
+
+
+# ---- advise -------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--from", "from_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Advise from a recording (no BPF, no root).")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True, metavar="S", help="Live: seconds to watch before advising.")
+@click.option("--apply", "apply_rule", type=click.Choice(sorted(APPLY)),
+              help="Apply this rule's sysctl remedy (needs --netns). Nothing else ever writes.")
+@click.option("--netns", "netns_spec", metavar="NAME|PID|PATH",
+              help="With --apply: the namespace to change (ip netns name, a PID in it, or a "
+                   "path like /proc/PID/ns/net; the host is PID 1).")
+@click.option("--json", "as_json", is_flag=True, help="Advice as JSON.")
+@_apply_options(_anon_options)
+def advise(from_path, duration, apply_rule, netns_spec, as_json, anonymize,
+           anonymize_keep_prefix):
+    """Remedies with their evidence: from a recording, a short live watch, or --apply one."""
+    if apply_rule:
+        if not netns_spec:
+            raise click.UsageError("--apply needs --netns NAME|PID|PATH: conntrace changes only "
+                                   "the namespace you name (the host is --netns 1)")
+        return _apply(apply_rule, netns_spec)
+    if netns_spec:
+        raise click.UsageError("--netns is only used with --apply")
+    anon = make_anonymizer(anonymize, anonymize_keep_prefix)
+    if from_path:
+        rec = read_replay(from_path)
+        cap = capture_from_recording(rec, anon)
+    else:
+        cap = _live_capture("advise", duration, max_events=10_000, quiet=as_json)
+        if anon:
+            cap = _anon_capture(cap, anon)
+    meta = cap.meta
+    adv = run_rules(AdviceInput(events=cap.events, rows=cap.all_rows(), sysctls=cap.sysctls,
+                                netns_names=meta.get("netns_names") or {},
+                                own_netns=meta.get("own_netns"),
+                                kernel=(meta.get("host") or {}).get("kernel")))
+    if as_json:
+        click.echo(json.dumps([a.to_dict() for a in adv], indent=2))
+        return
+    total = sum(r.packets for r in cap.all_rows())
+    click.echo(f"{render.fmt_int(total)} segments analysed ({cap.source}).")
+    if not adv:
+        click.echo("No advice: nothing was rejected or ignored.")
+        return
+    click.echo("")
+    click.echo(render.advice_text(adv).rstrip())
+
+
+def _apply(rule, netns_spec):
+    knob, value = APPLY[rule]
+    ref = sysctl.resolve_netns(netns_spec)
+    previous, undo = sysctl.apply_sysctl(ref, knob, value)
+    where = "the host namespace" if ref.is_self else f"netns {ref.label()} ({ref.inode})"
+    click.echo(f"{where}: {sysctl.full_name(knob)} {previous} -> {value}")
+    click.echo(f"undo: {undo}")
+    if previous == value:
+        click.echo("(it already had that value; nothing changed)")
+
+
+# ---- report -------------------------------------------------------------------------------
+
+def _live_capture(command, duration, max_events, quiet=False) -> Capture:
+    """Capture with aggregates and events for `duration` s (Ctrl-C ends early)."""
+    mod = load_probe()
+    require_root(command)
+    plan = _plan_and_warn(mod)
+    nsmap = sysctl.netns_map()
+    own = sysctl.own_netns_inode()
+    stats = StatTracker(nsmap, own)
+    budget = EventBudget(max_events)
+    probe = mod.Probe(plan, aggregate=True, events=True)
+    start = time.time()
+    stat_before = {}
+    rows = []
+    lost = 0
+    with stop_on_signals():
+        try:
+            probe.start()
+            stat_before = {ino: stats._read(ino) for ino in nsmap}
+            if not quiet:
+                click.echo(f"Capturing for {duration:g} s (rung {plan.rung})... Ctrl-C ends "
+                           "early and still writes.", err=True)
+            while time.time() - start < duration:
+                for ev in probe.poll(timeout_ms=100):
+                    budget.add(ev)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            try:
+                rows = from_probe_rows(probe.read_aggregates())
+                lost = probe.lost_events()
+            except Exception:
+                pass
+            probe.close()
+    end = time.time()
+    involved = sorted({r.netns for r in rows} | {e.netns for e in budget.kept}
+                      | ({own} if own else set()))
+    stat_delta = {}
+    for ino in involved:
+        after = stats._read(ino)
+        d = sysctl.stat_delta(stat_before.get(ino), after)
+        for k, v in (d or {}).items():
+            stat_delta[k] = stat_delta.get(k, 0) + v
+    refs = {ino: (None if ino == own else sysctl.ref_for_inode(ino, nsmap)) for ino in involved}
+    refs = {k: v for k, v in refs.items() if k == own or v is not None}
+    ruleset, notes = collect_ruleset(refs)
+    sysctls = _knobs_for(involved, {}, nsmap)
+    omitted = budget.omitted_records() + _unseen(rows, budget)
+    meta = {"host": host_facts(plan), "rung": plan.rung, "own_netns": own,
+            "netns_names": _netns_names_json(nsmap)}
+    return Capture(events=budget.kept, omitted=omitted, lost=lost, start=start, end=end, meta=meta,
+                   sysctls={str(k): v for k, v in sysctls.items()}, stat_delta=stat_delta or None,
+                   ruleset=ruleset, ruleset_notes=notes, source="live")
+
+
+def _unseen(rows, budget) -> list:
+    """Counts the kernel map has but no event reached us for (lost): keep totals exact."""
+    seen: dict = {}
+    for e in budget.kept:
+        k = (e.netns, e.saddr, e.reason, e.verdict)
+        seen[k] = seen.get(k, 0) + 1
+    for o in budget.omitted_records():
+        k = (o["netns"], o["peer"], o["reason"], o["verdict"])
+        seen[k] = seen.get(k, 0) + o["count"]
+    out = []
+    merged: dict = {}
+    for r in rows:
+        k = (r.netns, r.peer, r.reason, r.verdict)
+        merged[k] = merged.get(k, 0) + r.packets
+    for k, n in merged.items():
+        extra = n - seen.get(k, 0)
+        if extra > 0:
+            out.append({"netns": k[0], "peer": k[1], "reason": k[2], "verdict": k[3],
+                        "count": extra, "bytes": 0, "unseen": True})
+    return out
+
+
+def _anon_capture(cap: Capture, anon) -> Capture:
+    cap.events = [anon.event(e) for e in cap.events]
+    cap.omitted = [anon.record(o) for o in cap.omitted]
+    cap.meta = anon.record(cap.meta)
+    cap.ruleset = anon.record(cap.ruleset)
+    cap.ruleset_notes = anon.record(cap.ruleset_notes)
+    return cap
+
+
+@cli.command()
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              show_default=True, metavar="S", help="Seconds to capture (Ctrl-C ends early).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Directory for report.md, report.json, events.ndjson "
+                   "(default ./conntrace-report-DATE-TIME).")
+@click.option("--from", "from_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Build the report from a recording (no BPF, no root).")
+@click.option("--max-events", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Events written in full; beyond this, samples per peer and reason.")
+@_apply_options(_anon_options)
+def report(duration, out_dir, from_path, max_events, anonymize, anonymize_keep_prefix):
+    """Write a bug-report bundle: report.md, report.json and events.ndjson."""
+    anon = make_anonymizer(anonymize, anonymize_keep_prefix)
+    out_dir = out_dir or time.strftime("conntrace-report-%Y%m%d-%H%M%S")
+    if from_path:
+        rec = read_replay(from_path)
+        cap = capture_from_recording(rec, None, max_events=max_events)
+    else:
+        cap = _live_capture("report", duration, max_events)
+    try:
+        rep = write_bundle(out_dir, cap, anon)
+    except OSError as e:
+        raise Fail(f"{out_dir}: cannot write the report: {e.strerror or e}") from None
+    c = rep["capture"]
+    click.echo(f"{out_dir}/report.md, report.json, events.ndjson written: "
+               f"{render.fmt_int(c['events_total'])} segments, {len(rep['peers'])} peer x reason "
+               f"rows, {len(rep['advice'])} advice" + (", anonymized" if anon else "") + ".")
+
+
+# ---- doctor -------------------------------------------------------------------------------
+
+@cli.command()
+def doctor():
+    """Check that `conntrace trace` can run here, and say how to fix what is missing."""
+    try:
+        from .doctor import run_doctor
+    except ImportError as e:
+        raise Fail(f"doctor is not available in this build ({e})") from None
+    sys.exit(run_doctor(out=click.echo))
+
+
+def main():
+    cli(prog_name="conntrace")
+
+
+if __name__ == "__main__":
+    main()
