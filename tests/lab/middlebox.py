@@ -97,8 +97,12 @@ def rewrite_ipv4_tcp(frame: bytes, eth_header: bytes, seq_delta: int, ack_delta:
 
 
 def forward_loop(ns: str, if_client: str, if_server: str, offset: int, loss_every: int,
-                 stop_fd: int, report_fd: int) -> None:
-    """Bridge-route between the two middlebox veths until stop_fd becomes readable."""
+                 stop_fd: int, report_fd: int, ready_fd: int) -> None:
+    """Bridge-route between the two middlebox veths until stop_fd becomes readable.
+
+    Writes one byte to ready_fd once both sockets are bound: a SYN sent before that would be
+    lost and cost the client a 1 s SYN retransmission timeout.
+    """
     with netlab.netns(ns):
         to_client = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IP))
         to_server = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IP))
@@ -108,6 +112,8 @@ def forward_loop(ns: str, if_client: str, if_server: str, offset: int, loss_ever
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
         s.setblocking(False)
+    os.write(ready_fd, b"r")
+    os.close(ready_fd)
     eth_to_client = mac_bytes(CLIENT_MAC) + mac_bytes(MB_CLIENT_MAC) + b"\x08\x00"
     eth_to_server = mac_bytes(SERVER_MAC) + mac_bytes(MB_SERVER_MAC) + b"\x08\x00"
     stats = collections.Counter()
@@ -159,14 +165,17 @@ class Forwarder:
     def __init__(self, ns: str, if_client: str, if_server: str, offset: int, loss_every: int):
         self.stop_r, self.stop_w = os.pipe()
         self.report_r, self.report_w = os.pipe()
+        ready_r, ready_w = os.pipe()
         self.pid = os.fork()
         if self.pid == 0:                              # child
             code = 0
             try:
                 os.close(self.stop_w)
                 os.close(self.report_r)
+                os.close(ready_r)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
-                forward_loop(ns, if_client, if_server, offset, loss_every, self.stop_r, self.report_w)
+                forward_loop(ns, if_client, if_server, offset, loss_every, self.stop_r,
+                             self.report_w, ready_w)
             except BaseException as exc:              # report, never return into the parent's code
                 try:
                     os.write(self.report_w, json.dumps({"error": repr(exc)}).encode())
@@ -176,6 +185,9 @@ class Forwarder:
             os._exit(code)
         os.close(self.stop_r)
         os.close(self.report_w)
+        os.close(ready_w)
+        os.read(ready_r, 1)               # b"" if the child died first; stop() reports why
+        os.close(ready_r)
 
     def stop(self) -> dict:
         os.write(self.stop_w, b"x")
@@ -396,7 +408,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             for mode in modes:
                 timeout = args.timeout
                 if run_until is not None:
-                    timeout = max(1.0, min(timeout, run_until - time.time()))
+                    if run_until - time.time() < 2.0:      # too short to show anything
+                        break
+                    timeout = min(timeout, run_until - time.time())
                 result = transfer(topo, klog, mode, size, timeout, port, args.loss_every,
                                   args.stall_after)
                 port += 1
@@ -404,7 +418,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(summary_line(result), flush=True)
                 if run_until is not None and time.time() >= run_until:
                     break
-            if run_until is None or time.time() >= run_until:
+            if run_until is None or run_until - time.time() < 2.0:
                 break
         topo.counter.close()
     finally:
