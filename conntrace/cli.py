@@ -186,10 +186,30 @@ def print_advice(advice, out=click.echo, verbose=True):
 
 def _plan_and_warn(mod):
     plan = mod.plan_attach()
-    if getattr(plan, "missing", None):
-        click.echo(f"conntrace: rung {plan.rung}: cannot attach {', '.join(plan.missing)}; "
-                   "events from those functions will be missed", err=True)
+    for what in getattr(plan, "missing", None) or []:
+        click.echo(f"conntrace: rung {plan.rung}: will miss {what}", err=True)
     return plan
+
+
+_PROBE_KNOB_NAMES = {"be_liberal": "nf_conntrack_tcp_be_liberal", "loose": "nf_conntrack_tcp_loose",
+                     "ignore_invalid_rst": "nf_conntrack_tcp_ignore_invalid_rst",
+                     "log_invalid": "nf_conntrack_log_invalid", "checksum": "nf_conntrack_checksum"}
+
+
+def _merge_probe_knobs(knobs: dict, probe) -> dict:
+    """Fill knobs we could not read from /proc/sys with what the BPF program saw per netns."""
+    try:
+        seen = probe.netns_knobs() if hasattr(probe, "netns_knobs") else {}
+    except Exception:
+        return knobs
+    for ino, k in (seen or {}).items():
+        cur = dict(knobs.get(ino) or {})
+        for short, full in _PROBE_KNOB_NAMES.items():
+            if cur.get(full) is None and k.get(short) is not None:
+                cur[full] = k[short]
+        if ino in knobs or cur:
+            knobs[ino] = cur
+    return knobs
 
 
 def _probe_filters(mod, netns, port):
@@ -299,9 +319,12 @@ def trace(as_json, write_path, peers, port, netns, reasons, verdicts, count, dur
                 session.note_lost(probe.lost_events())
             except Exception:
                 pass
+            knobs = _merge_probe_knobs({}, probe)     # read before close: the maps go with it
             probe.close()
     involved = sorted({e.netns for e in session.budget.kept} | ({own} if own else set()))
-    sysctls = {str(k): v for k, v in _knobs_for(involved, {}, nsmap).items()}
+    for ino, k in _knobs_for(involved, {}, nsmap).items():
+        knobs[ino] = {**knobs.get(ino, {}), **{n: v for n, v in k.items() if v is not None}}
+    sysctls = {str(k): v for k, v in knobs.items() if k in involved}
     session.finish(time.time() - started, meta={**meta, "sysctls": sysctls},
                    summary={"sysctls": sysctls})
 
@@ -485,7 +508,7 @@ def top(interval, by, as_json, from_path, count, anonymize, anonymize_keep_prefi
                 ordered = with_rates(groups, prev_groups, now - last)
                 prev_groups, last = groups, now
                 seen_ns = sorted({r.netns for r in rows} | ({own} if own else set()))
-                knobs = _knobs_for(seen_ns, knob_cache, nsmap)
+                knobs = _merge_probe_knobs(_knobs_for(seen_ns, knob_cache, nsmap), probe)
                 inv_delta = stats.delta(seen_ns)
                 lost, overflow = probe.lost_events(), probe.aggregate_overflow()
                 n += 1
@@ -690,7 +713,7 @@ def _live_capture(command, duration, max_events, quiet=False) -> Capture:
     refs = {ino: (None if ino == own else sysctl.ref_for_inode(ino, nsmap)) for ino in involved}
     refs = {k: v for k, v in refs.items() if k == own or v is not None}
     ruleset, notes = collect_ruleset(refs)
-    sysctls = _knobs_for(involved, {}, nsmap)
+    sysctls = _merge_probe_knobs(_knobs_for(involved, {}, nsmap), probe)
     omitted = budget.omitted_records() + _unseen(rows, budget)
     meta = {"host": host_facts(plan), "rung": plan.rung, "own_netns": own,
             "netns_names": _netns_names_json(nsmap)}

@@ -251,7 +251,7 @@ class _Validator:
 
     def choice(self, key, allowed):
         value = self._get(key)
-        if isinstance(value, bool) or value not in allowed:
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or value not in allowed:
             raise self._bad(key, "one of " + ", ".join(str(a) for a in allowed), value)
         return value
 
