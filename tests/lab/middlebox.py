@@ -260,68 +260,71 @@ def transfer(topo: Topology, klog: netlab.KernelLog, liberal: int, size: int, ti
     stats_before = netlab.read_ct_stats(topo.server_ns)
     nft_before = topo.counter.packets()
     forwarder = Forwarder(topo.mb_ns, topo.if_m0, topo.if_m1, OFFSET, loss_every)
-    with netlab.netns(topo.server_ns):
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((SERVER_IP, port))
-    listener.listen(1)
-    listener.settimeout(10)
-    sender_error = []
-
-    def serve():
-        try:
-            conn, _ = listener.accept()
-            with conn:
-                conn.settimeout(timeout + 10)
-                block = b"\xa5" * 65536
-                left = size
-                while left > 0:
-                    conn.sendall(block[:min(left, len(block))])
-                    left -= min(left, len(block))
-                conn.shutdown(socket.SHUT_WR)
-                conn.recv(1)                           # wait for the client's close
-        except OSError as exc:
-            sender_error.append(repr(exc))
-
-    thread = threading.Thread(target=serve, daemon=True)
-    with netlab.netns(topo.client_ns):
-        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    start = time.time()
-    thread.start()
-    received, stalled, error = 0, False, None
-    progress = []                                      # (seconds, bytes): where it stalled
+    mb_stats = {}
     try:
-        client.settimeout(10)
-        client.connect((SERVER_IP, port))
-        deadline = start + timeout
-        next_mark = start + 1.0
-        last_progress = time.time()
-        while received < size:
-            now = time.time()
-            if now >= deadline or (stall_after and now - last_progress >= stall_after):
-                stalled = True
-                break
-            client.settimeout(min(0.5, deadline - now))
+        with netlab.netns(topo.server_ns):
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((SERVER_IP, port))
+        listener.listen(1)
+        listener.settimeout(10)
+        sender_error = []
+
+        def serve():
             try:
-                chunk = client.recv(262144)
-            except socket.timeout:
-                chunk = None
-            if chunk == b"":
-                break
-            if chunk:
-                received += len(chunk)
-                last_progress = time.time()
-            if time.time() >= next_mark:
-                progress.append((round(time.time() - start, 2), received))
-                next_mark += 1.0
-    except OSError as exc:
-        error = repr(exc)
-    end = time.time()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-    client.close()
-    thread.join(timeout=5)
-    listener.close()
-    mb_stats = forwarder.stop()
+                conn, _ = listener.accept()
+                with conn:
+                    conn.settimeout(timeout + 10)
+                    block = b"\xa5" * 65536
+                    left = size
+                    while left > 0:
+                        conn.sendall(block[:min(left, len(block))])
+                        left -= min(left, len(block))
+                    conn.shutdown(socket.SHUT_WR)
+                    conn.recv(1)                           # wait for the client's close
+            except OSError as exc:
+                sender_error.append(repr(exc))
+
+        thread = threading.Thread(target=serve, daemon=True)
+        with netlab.netns(topo.client_ns):
+            client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        start = time.time()
+        thread.start()
+        received, stalled, error = 0, False, None
+        progress = []                                      # (seconds, bytes): where it stalled
+        try:
+            client.settimeout(10)
+            client.connect((SERVER_IP, port))
+            deadline = start + timeout
+            next_mark = start + 1.0
+            last_progress = time.time()
+            while received < size:
+                now = time.time()
+                if now >= deadline or (stall_after and now - last_progress >= stall_after):
+                    stalled = True
+                    break
+                client.settimeout(min(0.5, deadline - now))
+                try:
+                    chunk = client.recv(262144)
+                except socket.timeout:
+                    chunk = None
+                if chunk == b"":
+                    break
+                if chunk:
+                    received += len(chunk)
+                    last_progress = time.time()
+                if time.time() >= next_mark:
+                    progress.append((round(time.time() - start, 2), received))
+                    next_mark += 1.0
+        except OSError as exc:
+            error = repr(exc)
+        end = time.time()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        client.close()
+        thread.join(timeout=5)
+        listener.close()
+    finally:
+        mb_stats = forwarder.stop()          # also on errors: never leave the child running
     time.sleep(0.05)
     lines = [l for l in klog.read_conntrack() if l["sport"] == port or l["dport"] == port]
     stats_after = netlab.read_ct_stats(topo.server_ns)
