@@ -81,7 +81,7 @@ def run(cmd: list[str], ns: Optional[str] = None, input: Optional[str] = None,
 # Kernel modules and sysctls
 
 LAB_MODULES = ("nf_conntrack", "nf_conntrack_ipv4", "nf_conntrack_ipv6", "nf_defrag_ipv6",
-               "nf_log_syslog", "nf_log_ipv4", "nf_log_ipv6", "veth", "nf_tables", "nft_ct",
+               "nf_log_syslog", "nf_log_ipv4", "nf_log_ipv6", "veth", "nf_tables", "nft_ct", "nft_objref",
                "nft_counter", "nft_chain_nat", "nf_nat")
 
 
@@ -536,7 +536,7 @@ def kernel_release() -> str:
     return os.uname().release
 
 
-def kernel_version(release: Optional[str] = None) -> tuple[int, int, int]:
+def kernel_version(release: Optional[str] = None, proc_version: Optional[str] = None) -> tuple[int, int, int]:
     """(major, minor, patch) from a release string like '6.1.0-41-amd64' or '6.18.44-fc'.
 
     Debian's ABI name (6.1.0-41) hides the real patch level; /proc/version carries it
@@ -546,12 +546,18 @@ def kernel_version(release: Optional[str] = None) -> tuple[int, int, int]:
         release = kernel_release()
         try:
             with open("/proc/version") as f:
-                m = re.search(r"Debian (\d+)\.(\d+)\.(\d+)", f.read())
-            if m:
-                return tuple(int(x) for x in m.groups())
+                proc_version = f.read()
         except OSError:
             pass
     m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release)
     if not m:
         return (0, 0, 0)
-    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+    base = (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
+    if proc_version:
+        # "(gcc-10 (Debian 10.2.1-6) ...) #1 SMP Debian 5.10.262-1": the compiler is Debian too,
+        # so take the Debian version whose major.minor is the running kernel's.
+        for found in re.findall(r"Debian (\d+)\.(\d+)\.(\d+)", proc_version):
+            version = tuple(int(x) for x in found)
+            if version[:2] == base[:2]:
+                return version
+    return base

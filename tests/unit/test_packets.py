@@ -246,6 +246,12 @@ def test_kernel_version_parsing():
     assert netlab.kernel_version("6.1.0-41-amd64") == (6, 1, 0)
     assert netlab.kernel_version("6.18.44-fc-v782") == (6, 18, 44)
     assert netlab.kernel_version("5.10.0-35-amd64") == (5, 10, 0)
+    # the compiler's "(Debian 10.2.1-6)" must not be taken for the kernel (seen in a 5.10 guest)
+    proc = ("Linux version 5.10.0-46-amd64 (debian-kernel@lists.debian.org) (gcc-10 (Debian "
+            "10.2.1-6) 10.2.1 20210110, GNU ld (GNU Binutils for Debian) 2.35.2) #1 SMP Debian "
+            "5.10.262-1 (2026-10-01)")
+    assert netlab.kernel_version("5.10.0-46-amd64", proc) == (5, 10, 262)
+    assert netlab.kernel_version("6.1.0-56-amd64", "... #1 SMP PREEMPT_DYNAMIC Debian 6.1.192-1") == (6, 1, 192)
 
 
 # --------------------------------------------------------------------------------- scenarios
