@@ -260,20 +260,29 @@ def top_table(groups: list, by: str, now: float, owners: Optional[dict] = None,
                   "netns": "NETNS", "reason": "REASON"}
     rows = []
     for g in groups[:limit]:
-        label = elide(g.label, 44 if by == "pair" else 39)
+        label = elide(g.label, 44 if by == "pair" else 32)
         extra = ""
         if by == "peer":
             extra = owners.get(g.label) or _locals_cell(g)
-        elif by in ("pair", "port", "reason", "netns"):
-            extra = _peers_cell(g) if by != "pair" else (owners.get(g.key[0]) or "")
-        rows.append([label, elide(extra, 28), reasons_cell(g.reasons, 2 if by == "pair" else 3),
+        elif by in ("port", "reason", "netns"):
+            extra = _peers_cell(g)
+        elif by == "pair":
+            extra = owners.get(g.key[0]) or ""
+        rows.append([label, elide(extra, 24 if by != "pair" else 16), g.reasons,
                      fmt_rate(g.rate), fmt_int(g.packets),
                      fmt_time(g.last_seen) if absolute and g.last_seen else fmt_ago(g.last_seen, now)])
     second = {"peer": "LOCAL (PROCESS)", "pair": "PROCESS", "port": "PEERS", "netns": "PEERS",
               "reason": "PEERS"}[by]
-    table = tabulate(rows, headers=[headers_by[by], second, "TOP REASONS", "INVALID/S", "TOTAL",
-                                    "LAST SEEN"],
-                     tablefmt="plain", colalign=("left", "left", "left", "right", "right", "right"),
+    headers = [headers_by[by], second, "TOP REASONS", "INVALID/S", "TOTAL", "LAST SEEN"]
+    # the reasons column gets whatever the others leave of WIDTH (2 spaces between columns)
+    # (tabulate pads every header by 2, so a column is at least its header + 2 wide)
+    others = sum(max([len(headers[i]) + 2] + [len(str(r[i])) for r in rows])
+                 for i in (0, 1, 3, 4, 5))
+    room = max(WIDTH - others - 2 * 5, 16)
+    for r in rows:
+        r[2] = elide(reasons_cell(r[2], 2 if by == "pair" else 3), room)
+    table = tabulate(rows, headers=headers, tablefmt="plain",
+                     colalign=("left", "left", "left", "right", "right", "right"),
                      disable_numparse=True)
     hidden = len(groups) - limit
     if hidden > 0:
@@ -310,10 +319,11 @@ def top_header(when: float, rung: str, knobs: dict, invalid_delta: Optional[int]
                      f"loose={_knob(k, 'nf_conntrack_tcp_loose')} "
                      f"ignore_invalid_rst={_knob(k, 'nf_conntrack_tcp_ignore_invalid_rst')}")
     inv = "?" if invalid_delta is None else fmt_int(invalid_delta)
-    tail = "  lost events: " + fmt_int(lost) + "  map overflow: " + fmt_int(overflow)
+    lines.append(f"  conntrack invalid counter +{inv} (/proc/net/stat/nf_conntrack, all CPUs)  "
+                 f"lost events: {fmt_int(lost)}  map overflow: {fmt_int(overflow)}")
     if overflow:
-        tail += " (map full: oldest peers evicted, totals are lower bounds)"
-    lines.append(f"  conntrack invalid counter +{inv} (/proc/net/stat/nf_conntrack)" + tail)
+        lines.append("  !! the count map is full: the least recently seen groups were evicted, "
+                     "so totals are lower bounds")
     return "\n".join(lines)
 
 
