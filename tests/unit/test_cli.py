@@ -1,0 +1,410 @@
+"""The CLI end to end with a fake probe: no bcc, no root, no kernel."""
+import json
+import os
+import sys
+import types
+from dataclasses import dataclass
+
+import pytest
+from click.testing import CliRunner
+
+from conntrace import cli as cli_mod
+from conntrace.cli import cli
+from event_factory import make_event, MIDDLEBOX
+
+
+class ProbeError(Exception):
+    pass
+
+
+@dataclass
+class AttachPlan:
+    rung: str = "deferred"
+    probes: list = None
+    missing: list = None
+    abi: dict = None
+
+
+@dataclass
+class ProbeFilters:
+    netns: int = None
+    port: int = None
+
+
+@dataclass
+class Row:
+    netns: int
+    family: int
+    peer: str
+    local: str
+    local_port: int
+    peer_port: None
+    reason: str
+    verdict: str
+    packets: int
+    bytes: int
+    first_seen: float
+    last_seen: float
+
+
+class FakeProbe:
+    """Replays scripted batches; a batch may be an exception to raise (Ctrl-C)."""
+    instances = []
+    batches = []
+    lost_script = []
+    agg_script = []
+
+    def __init__(self, plan=None, *, aggregate=False, events=True, ringbuf_pages=256, filters=None):
+        self.plan, self.aggregate, self.events, self.filters = plan, aggregate, events, filters
+        self.closed = self.started = False
+        self.polls = 0
+        self.reads = 0
+        FakeProbe.instances.append(self)
+
+    def start(self):
+        self.started = True
+
+    def poll(self, timeout_ms=100):
+        self.polls += 1
+        if not FakeProbe.batches:
+            return []
+        b = FakeProbe.batches.pop(0)
+        if isinstance(b, BaseException):
+            raise b
+        return b
+
+    def lost_events(self):
+        idx = min(self.polls, len(FakeProbe.lost_script)) - 1
+        return FakeProbe.lost_script[idx] if idx >= 0 else 0
+
+    def read_aggregates(self):
+        self.reads += 1
+        if not FakeProbe.agg_script:
+            return []
+        return FakeProbe.agg_script[min(self.reads, len(FakeProbe.agg_script)) - 1]
+
+    def aggregate_overflow(self):
+        return 0
+
+    def netns_knobs(self):
+        return {4026531840: {"be_liberal": 0, "loose": 1, "ignore_invalid_rst": 0}}
+
+    def close(self):
+        self.closed = True
+
+
+def fake_module(plan_error=None):
+    mod = types.SimpleNamespace(ProbeError=ProbeError, AttachPlan=AttachPlan,
+                                ProbeFilters=ProbeFilters, Probe=FakeProbe)
+
+    def plan_attach():
+        if plan_error:
+            raise ProbeError(plan_error)
+        return AttachPlan(rung="deferred", probes=["kprobe:nf_tcp_log_invalid"], missing=[], abi={})
+    mod.plan_attach = plan_attach
+    return mod
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    FakeProbe.instances, FakeProbe.batches, FakeProbe.lost_script, FakeProbe.agg_script = [], [], [], []
+    monkeypatch.setattr(cli_mod, "load_probe", lambda: fake_module())
+    monkeypatch.setattr(cli_mod, "is_root", lambda: True)
+    monkeypatch.setattr(cli_mod.time, "sleep", lambda s: None)
+    return FakeProbe
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+def one_line_error(result, code=None):
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    if code is not None:
+        assert result.exit_code == code, result.output
+    else:
+        assert result.exit_code != 0
+
+
+# ---- trace ----------------------------------------------------------------------------------
+
+def test_trace_live_table_count_and_footer(fake):
+    fake.batches = [[make_event(seq=i) for i in range(3)], [make_event(reason="SACK_OVER", sack=9)]]
+    r = run("trace", "--count", "4")
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[1].startswith("TIME     REASON")
+    assert sum(1 for l in lines if l.split()[1:2] == ["SEQ_OVER"]) == 3
+    assert "4 events shown" in r.output and "0 lost" in r.output
+    assert fake.instances[0].closed and fake.instances[0].events and not fake.instances[0].aggregate
+    assert "Advice:" in r.output
+
+
+def test_trace_ctrl_c_detaches_and_prints_the_summary(fake):
+    fake.batches = [[make_event()], KeyboardInterrupt()]
+    r = run("trace")
+    assert r.exit_code == 0, r.output
+    assert fake.instances[0].closed
+    assert "1 event shown" in r.output
+
+
+def test_trace_lost_events_footer_line_and_record(fake, tmp_path):
+    fake.batches = [[make_event()], [make_event()], KeyboardInterrupt()]
+    fake.lost_script = [0, 5, 7]
+    out = tmp_path / "rec.ndjson"
+    r = run("trace", "--write", str(out))
+    assert r.exit_code == 0, r.output
+    assert "!! 5 events lost" in r.output
+    assert "7 lost" in r.output.splitlines()[-1] or "7 lost" in r.output
+    records = [json.loads(l) for l in out.read_text().splitlines()]
+    types_ = [d["type"] for d in records]
+    assert types_[0] == "meta" and types_[-1] == "summary" and types_.count("event") == 2
+    lost = [d for d in records if d["type"] == "lost"]
+    assert sum(d["count"] for d in lost) == 7 and lost[-1]["total"] == 7
+    assert records[-1]["lost"] == 7
+    assert all(d["schema"] == 1 for d in records)
+
+
+def test_trace_json_is_ndjson_with_summary(fake):
+    fake.batches = [[make_event(), make_event(reason="INVALID_RST", bound=None, distance=None)]]
+    r = run("trace", "--json", "--count", "2")
+    recs = [json.loads(l) for l in r.output.splitlines()]
+    assert [d["type"] for d in recs] == ["event", "event", "summary"]
+    assert recs[0]["schema"] == 1 and recs[0]["reason"] == "SEQ_OVER"
+    assert recs[-1]["events"] == 2 and isinstance(recs[-1]["advice"], list)
+
+
+def test_trace_filters_in_user_space(fake):
+    fake.batches = [[make_event(saddr="203.0.113.7"), make_event(saddr="198.51.100.9"),
+                     make_event(reason="INVALID_RST", saddr="203.0.113.8"),
+                     make_event(verdict="ignored", saddr="203.0.113.9")]]
+    r = run("trace", "--peer", "203.0.113.0/24", "--reason", "seq_over", "--verdict", "invalid",
+            "--port", "443", "--duration", "0.01")
+    assert r.exit_code == 0, r.output
+    assert "1 event shown, 3 filtered out" in r.output
+    f = fake.instances[0].filters
+    assert f.port == 443 and f.netns is None
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--peer", "300.1.1.1/24"], "not an address or CIDR"),
+    (["--port", "70000"], "70000"),
+    (["--port", "0"], "0"),
+    (["--reason", "SEQ_WAY_OVER"], "SEQ_WAY_OVER"),
+    (["--verdict", "dropped"], "dropped"),
+    (["--netns", "-3"], "-3"),
+    (["--count", "0"], "0"),
+])
+def test_bad_filter_values_are_one_line_errors(fake, args, words):
+    r = run("trace", *args)
+    one_line_error(r, 2)
+    assert words in r.output
+    assert not fake.instances          # nothing attached
+
+
+def test_probe_error_is_one_line_exit_1(monkeypatch):
+    monkeypatch.setattr(cli_mod, "load_probe", lambda: fake_module("kprobes are unavailable"))
+    monkeypatch.setattr(cli_mod, "is_root", lambda: True)
+    r = run("trace")
+    one_line_error(r, 1)
+    assert r.output.strip() == "conntrace: kprobes are unavailable"
+
+
+def test_no_root_says_so(monkeypatch):
+    monkeypatch.setattr(cli_mod, "load_probe", lambda: fake_module())
+    monkeypatch.setattr(cli_mod, "is_root", lambda: False)
+    for cmd in (["trace"], ["top"], ["report", "--duration", "1"], ["advise"]):
+        r = run(*cmd)
+        one_line_error(r, 1)
+        assert "needs root" in r.output and "--from FILE" in r.output
+
+
+def test_missing_bcc_is_one_line(monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def no_probe(name, *a, **kw):
+        if name.endswith("probe") or (a and a[2] and "probe" in a[2]):
+            raise ImportError("No module named 'bcc'")
+        return real(name, *a, **kw)
+    monkeypatch.setattr(builtins, "__import__", no_probe)
+    r = run("trace")
+    one_line_error(r, 1)
+    assert "conntrace doctor" in r.output
+
+
+def test_trace_replay(fake):
+    r = run("trace", "--from", MIDDLEBOX)
+    assert r.exit_code == 0, r.output
+    assert "82 events shown" in r.output and "3 lost" in r.output
+    assert not fake.instances                     # no probe for a replay
+    r = run("trace", "--from", MIDDLEBOX, "--reason", "INVALID_RST", "--count", "2")
+    assert "2 events shown" in r.output
+
+
+def test_replay_of_bad_files(tmp_path):
+    bad = tmp_path / "bad.ndjson"
+    bad.write_bytes(b"\x00\x01garbage\n{oops\n")
+    r = run("trace", "--from", str(bad))
+    one_line_error(r, 1)
+    assert f"{bad}:1" in r.output and len(r.output.strip().splitlines()) == 1
+    empty = tmp_path / "empty.ndjson"
+    empty.write_text("")
+    r = run("top", "--from", str(empty))
+    one_line_error(r, 1)
+    assert "empty file" in r.output
+    r = run("report", "--from", str(tmp_path / "missing.ndjson"), "--out", str(tmp_path / "o"))
+    one_line_error(r, 1)
+    assert "cannot open" in r.output
+
+
+def test_replay_with_some_bad_lines_reports_on_the_good_ones(tmp_path):
+    mixed = tmp_path / "mixed.ndjson"
+    lines = open(MIDDLEBOX).read().splitlines()
+    lines.insert(5, "{truncated")
+    lines.insert(9, "\x00\x00")
+    mixed.write_text("\n".join(lines) + "\n")
+    r = run("top", "--from", str(mixed))
+    assert r.exit_code == 0, r.output
+    assert "skipped 2 bad lines" in r.output and "203.0.113.7" in r.output
+
+
+def test_anonymize_keep_prefix_needs_anonymize():
+    r = run("trace", "--from", MIDDLEBOX, "--anonymize-keep-prefix", "24")
+    one_line_error(r, 2)
+
+
+# ---- top --------------------------------------------------------------------------------------
+
+def rows(n_sack, n_rst):
+    return [Row(4026531840, 4, "203.0.113.7", "10.0.0.5", 51514, None, "SACK_OVER", "invalid",
+                n_sack, n_sack * 40, 1.0, 2.0),
+            Row(4026531840, 4, "198.51.100.23", "10.0.0.5", 8080, None, "INVALID_RST", "invalid",
+                n_rst, n_rst * 40, 1.0, 2.0)]
+
+
+def test_top_live_json_snapshots_use_the_kernel_counts(fake):
+    fake.agg_script = [rows(100, 10), rows(100_100, 30)]
+    r = run("top", "--json", "--count", "2", "--interval", "1")
+    assert r.exit_code == 0, r.output
+    snaps = [json.loads(l) for l in r.output.splitlines()]
+    assert [s["type"] for s in snaps] == ["top", "top"]
+    g = snaps[1]["groups"][0]
+    assert g["label"] == "203.0.113.7" and g["packets"] == 100_100
+    assert snaps[1]["rung"] == "deferred" and "lost" in snaps[1] and "map_overflow" in snaps[1]
+    p = fake.instances[0]
+    assert p.aggregate and not p.events and p.closed and p.polls == 0    # never per-event work
+
+
+def test_top_live_plain_table_when_not_a_tty(fake):
+    fake.agg_script = [rows(5, 1)]
+    r = run("top", "--count", "1")
+    assert r.exit_code == 0, r.output
+    assert "rung: deferred" in r.output and "be_liberal=" in r.output
+    assert "PEER" in r.output and "SACK_OVER 5" in r.output
+    assert "\033[2J" not in r.output
+    assert "seq-randomization" in r.output            # advice under top
+
+
+def test_top_ctrl_c(fake):
+    fake.agg_script = [rows(1, 1)]
+
+    def interrupted(_):
+        raise KeyboardInterrupt
+    cli_mod.time.sleep = interrupted
+    r = run("top")
+    assert r.exit_code == 0 and fake.instances[0].closed
+
+
+def test_top_replay_groupings():
+    for by in ("peer", "pair", "port", "netns", "reason"):
+        r = run("top", "--from", MIDDLEBOX, "--by", by)
+        assert r.exit_code == 0, r.output
+        assert "replay of middlebox.ndjson" in r.output
+    r = run("top", "--from", MIDDLEBOX, "--json")
+    snap = json.loads(r.output)
+    assert snap["groups"][0]["label"] == "203.0.113.7" and snap["groups"][0]["packets"] == 40
+
+
+# ---- advise -----------------------------------------------------------------------------------
+
+def test_advise_from_recording():
+    r = run("advise", "--from", MIDDLEBOX)
+    assert r.exit_code == 0, r.output
+    assert "Cisco ASA/FTD" in r.output and "ignore_invalid_rst=1" in r.output
+    data = json.loads(run("advise", "--from", MIDDLEBOX, "--json").output)
+    assert [a["rule"] for a in data] == ["seq-randomization", "be-liberal", "ignore-invalid-rst"]
+
+
+def test_advise_live_short_capture(fake):
+    fake.batches = [[make_event() for _ in range(12)]]
+    fake.agg_script = [rows(12, 0)]
+    r = run("advise", "--duration", "0.05")
+    assert r.exit_code == 0, r.output
+    assert "be-liberal" in r.output and fake.instances[0].closed
+
+
+def test_advise_apply_changes_only_the_named_netns(monkeypatch, tmp_path):
+    calls = []
+    ref = cli_mod.sysctl.NetnsRef(path="/var/run/netns/web", inode=4026532451, name="web")
+    monkeypatch.setattr(cli_mod.sysctl, "resolve_netns", lambda spec: calls.append(spec) or ref)
+
+    def fake_apply(r, knob, value):
+        calls.append((r.name, knob, value))
+        return 0, cli_mod.sysctl.sysctl_command(r, knob, 0)
+    monkeypatch.setattr(cli_mod.sysctl, "apply_sysctl", fake_apply)
+    r = run("advise", "--apply", "be-liberal", "--netns", "web")
+    assert r.exit_code == 0, r.output
+    assert calls == ["web", ("web", "nf_conntrack_tcp_be_liberal", 1)]
+    assert "net.netfilter.nf_conntrack_tcp_be_liberal 0 -> 1" in r.output
+    assert "undo: ip netns exec web sysctl -w net.netfilter.nf_conntrack_tcp_be_liberal=0" in r.output
+
+
+def test_advise_apply_needs_netns_and_a_known_rule():
+    one_line_error(run("advise", "--apply", "be-liberal"), 2)
+    one_line_error(run("advise", "--apply", "reboot", "--netns", "web"), 2)
+    r = run("advise", "--apply", "be-liberal", "--netns", "no-such-ns-xyz")
+    one_line_error(r, 1)
+    assert "no network namespace named" in r.output
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+def test_report_live_ctrl_c_still_writes(fake, tmp_path):
+    fake.batches = [[make_event(reason="SACK_OVER", sack=5, ack=1) for _ in range(5)],
+                    KeyboardInterrupt()]
+    fake.agg_script = [rows(7, 0)]         # the kernel counted 2 events we never received
+    out = tmp_path / "rep"
+    r = run("report", "--duration", "60", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(out)) == ["events.ndjson", "report.json", "report.md"]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["peers"][0]["packets"] == 7            # exact counts from the kernel map
+    assert rep["host"]["rung"] == "deferred"
+    assert fake.instances[0].closed
+    md = (out / "report.md").read_text()
+    assert "## Advice" in md and "SACK_OVER" in md
+
+
+def test_report_replay(tmp_path):
+    r = run("report", "--from", MIDDLEBOX, "--out", str(tmp_path / "r"), "--max-events", "20")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert rep["capture"]["events_total"] == 82 and rep["capture"]["events_written"] < 82
+
+
+# ---- doctor -----------------------------------------------------------------------------------
+
+def test_doctor_delegates(monkeypatch):
+    mod = types.ModuleType("conntrace.doctor")
+    mod.run_doctor = lambda out=print: (out("all good"), 3)[1]
+    monkeypatch.setitem(sys.modules, "conntrace.doctor", mod)
+    r = run("doctor")
+    assert r.exit_code == 3 and "all good" in r.output
+
+
+def test_help_and_version():
+    r = run("--help")
+    assert r.exit_code == 0 and "trace" in r.output and "report" in r.output
+    assert run("--version").exit_code == 0
