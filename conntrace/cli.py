@@ -114,8 +114,13 @@ def _cidr(ctx, param, values):
     return tuple(out)
 
 
-def _upper(ctx, param, values):
-    return tuple(v.upper() for v in values or ())
+def _reasons(ctx, param, values):
+    out = []
+    for v in values or ():
+        if v.upper() not in REASONS:
+            raise click.BadParameter(f"unknown reason {v!r}; use one of {', '.join(REASONS)}")
+        out.append(v.upper())
+    return tuple(out)
 
 
 class EventFilter:
@@ -232,11 +237,11 @@ _filter_options = [
     click.option("--port", type=click.IntRange(1, 65535), help="Only segments with this port."),
     click.option("--netns", "netns", type=click.IntRange(min=1), metavar="INODE",
                  help="Only this network namespace (inode, see `lsns -t net`)."),
-    click.option("--reason", "reasons", multiple=True, callback=_upper,
-                 type=click.Choice(sorted(REASONS), case_sensitive=False),
-                 help="Only these reasons (repeatable)."),
-    click.option("--verdict", "verdicts", multiple=True,
-                 type=click.Choice(VERDICTS), help="Only these verdicts (repeatable)."),
+    click.option("--reason", "reasons", multiple=True, callback=_reasons, metavar="REASON",
+                 help="Only this reason (repeatable): " + ", ".join(REASONS) + "."),
+    click.option("--verdict", "verdicts", multiple=True, metavar="VERDICT",
+                 type=click.Choice(VERDICTS),
+                 help="Only this verdict (repeatable): " + ", ".join(VERDICTS) + "."),
 ]
 
 _anon_options = [

@@ -224,8 +224,8 @@ def trace_footer(shown: int, filtered: int, lost: int, seconds: float) -> str:
     parts = [f"{fmt_int(shown)} event{'s' if shown != 1 else ''} shown"]
     if filtered:
         parts.append(f"{fmt_int(filtered)} filtered out")
-    parts.append(f"{fmt_int(lost)} lost" + (" (ring buffer full: the kernel produced events "
-                                             "faster than they were read)" if lost else ""))
+    parts.append(f"{fmt_int(lost)} lost" + (" (ring buffer full; `top` counts stay exact)"
+                                             if lost else ""))
     parts.append(f"{seconds:.1f} s")
     return "-- " + ", ".join(parts)
 
