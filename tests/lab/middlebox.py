@@ -248,7 +248,7 @@ class Topology:
 # One transfer
 
 def transfer(topo: Topology, klog: netlab.KernelLog, liberal: int, size: int, timeout: float,
-             port: int, loss_every: int, stall_after: float = 5.0) -> dict:
+             port: int, loss_every: int, stall_after: float = 6.0) -> dict:
     """Download `size` bytes server -> client through the middlebox; record time and oracle.
 
     The transfer counts as stalled when no byte arrives for `stall_after` seconds (RTO backoff
@@ -368,13 +368,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     run_p = sub.add_parser("run", help="run the transfer(s) (root)")
     run_p.add_argument("--liberal", choices=("0", "1", "both"), default="both")
-    run_p.add_argument("--size", type=float, default=4.0, help="MB to download (default 4)")
-    run_p.add_argument("--timeout", type=float, default=20.0,
-                       help="seconds before a transfer counts as stalled (default 20)")
-    run_p.add_argument("--stall-after", type=float, default=5.0,
-                       help="seconds without progress that count as a stall (default 5; 0: off)")
-    run_p.add_argument("--loss-every", type=int, default=100,
-                       help="drop every Nth server->client data segment (default 100; 0: none)")
+    run_p.add_argument("--size", type=float, default=3.0, help="MB to download (default 3)")
+    run_p.add_argument("--timeout", type=float, default=60.0,
+                       help="hard cap per transfer, seconds (default 60)")
+    run_p.add_argument("--stall-after", type=float, default=6.0,
+                       help="seconds without progress that count as a stall (default 6; 0: off)")
+    run_p.add_argument("--loss-every", type=int, default=200,
+                       help="drop every Nth server->client data segment (default 200, i.e. 0.5%%; "
+                            "0: none). Each loss costs the liberal run one RTO, so more loss "
+                            "mostly slows the lab down")
     run_p.add_argument("--keep-running", type=float, metavar="SECONDS",
                        help="repeat transfers until SECONDS have passed (for conntrace top/report)")
     run_p.add_argument("--wait-for", metavar="FILE", help="after set-up, wait until FILE exists")
