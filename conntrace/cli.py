@@ -285,7 +285,7 @@ def trace(as_json, write_path, peers, port, netns, reasons, verdicts, count, dur
             if session.offer(ev, keep):
                 break
         session.lost = rec.lost
-        times = [e.time for e in rec.events]
+        times = [e.time for e in session.budget.kept]
         span = (max(times) - min(times)) if times else 0.0
         session.finish(span, meta=rec.meta, summary=rec.summary)
         return
