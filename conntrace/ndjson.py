@@ -188,7 +188,8 @@ class Writer:
     def _write(self, d: dict):
         if self.anonymizer is not None:
             d = self.anonymizer.record(d)
-        self.fh.write(json.dumps(d, separators=(",", ":"), sort_keys=False) + "\n")
+        # default=str: host facts may carry odd types (paths, sets); never fail a capture on them
+        self.fh.write(json.dumps(d, separators=(",", ":"), default=str) + "\n")
         self.fh.flush()
 
     def meta(self, **facts):
@@ -224,7 +225,7 @@ class Writer:
 
 
 def dumps(d: dict) -> str:
-    return json.dumps(d, separators=(",", ":"))
+    return json.dumps(d, separators=(",", ":"), default=str)
 
 
 def is_readable_path(path: str) -> bool:

@@ -110,7 +110,9 @@ def bcc_version() -> str:
     except Exception:
         pass
     try:
-        import bcc  # noqa: F401 -- only to read its version
+        # bccfind also finds the distro's python3-bpfcc from a venv or another Python
+        from .bccfind import import_bcc
+        bcc = import_bcc()
         return getattr(bcc, "__version__", "installed (version unknown)")
     except Exception:
         return "not found"

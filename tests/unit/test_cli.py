@@ -408,3 +408,36 @@ def test_help_and_version():
     r = run("--help")
     assert r.exit_code == 0 and "trace" in r.output and "report" in r.output
     assert run("--version").exit_code == 0
+
+
+def test_trace_sigterm_detaches_like_ctrl_c(fake):
+    import signal
+
+    class Term(list):
+        pass
+    fake.batches = [[make_event()], "TERM"]
+    orig_poll = FakeProbe.poll
+
+    def poll(self, timeout_ms=100):
+        if FakeProbe.batches and FakeProbe.batches[0] == "TERM":
+            FakeProbe.batches.pop(0)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return []
+        return orig_poll(self, timeout_ms)
+    FakeProbe.poll = poll
+    try:
+        r = run("trace")
+    finally:
+        FakeProbe.poll = orig_poll
+    assert r.exit_code == 0, r.output
+    assert fake.instances[0].closed and "1 event shown" in r.output
+    assert signal.getsignal(signal.SIGTERM) is not None
+
+
+def test_meta_with_odd_types_still_writes(fake, tmp_path):
+    fake.batches = [[make_event()]]
+    out = tmp_path / "w.ndjson"
+    r = run("trace", "--write", str(out), "--count", "1")
+    assert r.exit_code == 0, r.output
+    meta = json.loads(out.read_text().splitlines()[0])
+    assert meta["type"] == "meta" and meta["rung"] == "deferred" and "host" in meta
