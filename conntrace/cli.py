@@ -285,6 +285,8 @@ def trace(as_json, write_path, peers, port, netns, reasons, verdicts, count, dur
             if session.offer(ev, keep):
                 break
         session.lost = rec.lost
+        if rec.lost and session.writer:
+            session.writer.lost(rec.lost, (rec.summary or {}).get("ended") or 0.0)
         times = [e.time for e in session.budget.kept]
         span = (max(times) - min(times)) if times else 0.0
         session.finish(span, meta=rec.meta, summary=rec.summary)
@@ -353,7 +355,9 @@ class TraceSession:
             return
         self.writer = Writer(path, anonymizer=self.anon)
         clean = {k: v for k, v in (meta or {}).items() if k not in ("schema", "type")}
-        self.writer.meta(**{**clean, "started": time.time(), "anonymized": self.anon is not None})
+        # a replayed recording keeps its own start time; a live run starts now
+        self.writer.meta(**{"started": time.time(), **clean,
+                            "anonymized": self.anon is not None or bool(clean.get("anonymized"))})
 
     def offer(self, ev, keep) -> bool:
         """Show/write one event if it passes the filters; True when --count is reached."""
@@ -401,7 +405,7 @@ class TraceSession:
                           kernel=(meta.get("host") or {}).get("kernel"))
         advice = run_rules(inp)
         totals = {"events": self.shown, "filtered": self.filtered, "lost": self.lost,
-                  "duration": round(seconds, 3), "ended": time.time()}
+                  "duration": round(seconds, 3), "ended": summary.get("ended") or time.time()}
         if self.writer:
             self.writer.summary(**totals, sysctls=sysctls)
             self.writer.close()

@@ -151,6 +151,9 @@ def read_stream(fh: IO[bytes], path: str) -> Recording:
                 rec.summary = payload
     except OSError as e:
         raise RecordingError(f"{path}:{lineno + 1}: read error: {e.strerror or e}") from None
+    if not rec.lost and rec.summary and isinstance(rec.summary.get("lost"), int) \
+            and not isinstance(rec.summary.get("lost"), bool) and rec.summary["lost"] > 0:
+        rec.lost = rec.summary["lost"]       # a writer that only put the total in the trailer
     if good == 0:
         if lineno == 0 or not rec.skipped:
             raise RecordingError(f"{path}: empty file, no conntrace records")

@@ -152,3 +152,9 @@ def test_fuzz_truncated_lines(cut):
 @given(st.lists(json_values, max_size=5))
 def test_fuzz_json_lines(values):
     _read_bytes(b"\n".join(json.dumps(v).encode() for v in values))
+
+
+def test_lost_total_from_the_summary_when_no_lost_records(tmp_path):
+    path = write_lines(tmp_path, [json.dumps(make_event().to_dict()),
+                                  json.dumps({"schema": 1, "type": "summary", "lost": 4})])
+    assert read_recording(path).lost == 4
