@@ -291,13 +291,13 @@ def transfer(topo: Topology, klog: netlab.KernelLog, liberal: int, size: int, ti
         start = time.time()
         thread.start()
         received, stalled, error = 0, False, None
+        last_progress = start
         progress = []                                      # (seconds, bytes): where it stalled
         try:
             client.settimeout(10)
             client.connect((SERVER_IP, port))
             deadline = start + timeout
             next_mark = start + 1.0
-            last_progress = time.time()
             while received < size:
                 now = time.time()
                 if now >= deadline or (stall_after and now - last_progress >= stall_after):
@@ -341,6 +341,7 @@ def transfer(topo: Topology, klog: netlab.KernelLog, liberal: int, size: int, ti
         "completed": received >= size, "stalled": stalled, "error": error,
         "sender_error": sender_error[0] if sender_error else None,
         "stall_after": stall_after, "timeout": timeout,
+        "last_progress_s": round(last_progress - start, 3) if received else None,
         "seconds": round(elapsed, 3), "mbit_s": round(received * 8 / elapsed / 1e6, 2) if elapsed else None,
         "start": start, "end": end, "port": port, "progress": progress,
         "middlebox": mb_stats,
@@ -443,8 +444,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     }
     for mode in sorted(by_mode):
         t = by_mode[mode]
-        print(f"transfer time with be_liberal={mode}: {t['seconds']:.2f} s "
-              f"({'completed' if t['completed'] else 'stalled after %.2f MB' % (t['received'] / 1e6)})")
+        if t["completed"]:
+            outcome = "completed"
+        else:
+            outcome = (f"STALLED: {t['received'] / 1e6:.2f} MB by {t['last_progress_s'] or 0:.2f} s, "
+                       f"then nothing until it was given up")
+        print(f"transfer time with be_liberal={mode}: {t['seconds']:.2f} s ({outcome})")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=1)

@@ -322,3 +322,25 @@ def test_middlebox_rewrite_seq_wraps():
                                             bytes(12) + b"\x08\x00", 0x3B9ACA00, 0)
     assert parse_frame(out).seq == (0xF0000000 + 0x3B9ACA00) & 0xFFFFFFFF
     assert facts["payload"] == 100 and not facts["sack"]
+
+
+def test_conntrack_model_from_a_handshake():
+    """The window state predicted from sniffed frames (reference §4.1/§4.5)."""
+    c, s = ("10.0.0.1", 40000), ("10.0.0.2", 20000)
+
+    def frame(src, dst, seq, ack, flags, window, payload=0, options=b""):
+        seg = Segment(src=src[0], dst=dst[0], sport=src[1], dport=dst[1], seq=seq, ack=ack,
+                      flags=flags, window=window, options=options, payload=b"p" * payload)
+        return parse_frame(seg.frame("02:00:00:00:00:02", "02:00:00:00:00:01"))
+
+    frames = [frame(c, s, 1000, 0, SYN, 64240, options=opt_mss(1460) + opt_nop() + opt_wscale(7)),
+              frame(s, c, 5000, 1001, SYN | ACK, 65160, options=opt_mss(1460) + opt_nop() + opt_wscale(7)),
+              frame(c, s, 1001, 5001, ACK, 502),
+              frame(c, s, 1001, 5001, ACK | PSH, 502, payload=100),
+              frame(s, c, 5001, 1101, ACK | PSH, 509, payload=200)]
+    model = scenarios.conntrack_model(frames, c, True, 7, 7)
+    assert model["original"] == {"td_end": 1101, "td_maxend": 1101 + (509 << 7),
+                                 "td_maxwin": 502 << 7, "td_maxack": 5001}
+    # SYN windows are never scaled: the SYN/ACK's 65160 is the server's largest window
+    assert model["reply"] == {"td_end": 5201, "td_maxend": 5001 + (502 << 7),
+                              "td_maxwin": 65160, "td_maxack": 1101}
