@@ -2,7 +2,14 @@
 
 probe/decode build Events from BPF records, aggregate/advise/render/report consume
 them, and the NDJSON files written by `--write`/`--json` are Events serialised with
-`to_dict()`.  Bump SCHEMA_VERSION whenever a field changes meaning or disappears.
+`to_dict()` and read back with `Event.from_dict()`, which validates every field and
+raises SchemaError with a one-line message naming the field.
+
+Schema rules: bump SCHEMA_VERSION whenever a field changes meaning or disappears.  New
+fields with defaults do not need a bump (readers ignore keys they do not know).  Records
+from a newer schema are refused with "upgrade conntrace"; when an older schema exists,
+translate it in check_schema's caller rather than guessing.  The record types of a
+recording (event, meta, lost, omitted, summary, top) are listed below as RECORD_*.
 """
 from __future__ import annotations
 
