@@ -521,8 +521,14 @@ class NetLab:
         for name in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
         self.namespaces.clear()
-        for key, value in self._saved_init_sysctls.items():
-            write_sysctl(key, value, required=False)
+        # Another lab run (ours or a colleague's) still needs nf_log_all_netns: leave it set.
+        try:
+            others = [n for n in os.listdir(NETNS_DIR) if n.startswith("ctl-")]
+        except FileNotFoundError:
+            others = []
+        if not others:
+            for key, value in self._saved_init_sysctls.items():
+                write_sysctl(key, value, required=False)
         self._saved_init_sysctls.clear()
 
     def __enter__(self):
