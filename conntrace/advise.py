@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .aggregate import CountRow, rows_from_events
-from .events import (WINDOW_REASONS, TCP_FLAG_WINDOW_SCALE, TCP_FLAG_BE_LIBERAL, U32)
+from .events import WINDOW_REASONS, TCP_FLAG_WINDOW_SCALE, U32
 from .render import endpoint, explain, fmt_int
 
 BE_LIBERAL = "nf_conntrack_tcp_be_liberal"

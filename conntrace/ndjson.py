@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import IO, Iterable, Optional
 
 from .events import (Event, SchemaError, check_schema, RECORD_EVENT, RECORD_META, RECORD_LOST,
-                     RECORD_OMITTED, RECORD_SUMMARY, RECORD_TOP, RECORD_TYPES, SCHEMA_VERSION)
+                     RECORD_OMITTED, RECORD_SUMMARY, RECORD_TYPES, SCHEMA_VERSION)
 
 MAX_LINE = 1 << 20   # a real record is < 4 KiB; a megabyte line is not ours
 

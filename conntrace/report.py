@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import platform
 import re
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
@@ -16,8 +15,8 @@ from typing import Optional
 from tabulate import tabulate
 
 from . import __version__
-from .advise import Advice, AdviceInput, advise
-from .aggregate import CountRow, peer_reason_table, rows_from_events, totals_by_verdict
+from .advise import AdviceInput, advise
+from .aggregate import peer_reason_table, rows_from_events, totals_by_verdict
 from .events import SCHEMA_VERSION, REASONS, Event
 from .ndjson import Recording, Writer
 from .render import endpoint, explain, fmt_datetime, fmt_int, window_side_cell

@@ -413,8 +413,6 @@ def test_help_and_version():
 def test_trace_sigterm_detaches_like_ctrl_c(fake):
     import signal
 
-    class Term(list):
-        pass
     fake.batches = [[make_event()], "TERM"]
     orig_poll = FakeProbe.poll
 

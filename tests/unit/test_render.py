@@ -1,5 +1,3 @@
-import pytest
-
 from conntrace import render
 from conntrace.advise import AdviceInput, advise
 from conntrace.aggregate import group_rows, rows_from_events, with_rates
