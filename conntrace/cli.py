@@ -70,6 +70,11 @@ def load_probe():
     return probe
 
 
+def stdout_is_tty() -> bool:
+    """Refresh in place only on a terminal; `| tee` gets one plain table per interval."""
+    return sys.stdout.isatty()
+
+
 def is_root() -> bool:
     return os.geteuid() == 0
 
@@ -494,10 +499,11 @@ def top(interval, by, as_json, from_path, count, anonymize, anonymize_keep_prefi
     nsmap = sysctl.netns_map()
     own = sysctl.own_netns_inode()
     names = _short_names(nsmap, own)
-    tty = sys.stdout.isatty() and not as_json
+    tty = stdout_is_tty() and not as_json
     knob_cache: dict = {}
     stats = StatTracker(nsmap, own)
     probe = mod.Probe(plan, aggregate=True, events=False)
+    stats.delta([own] if own else [])      # baseline, so the first refresh shows a delta
     prev_groups = None
     n = 0
     last = time.time()

@@ -439,3 +439,12 @@ def test_meta_with_odd_types_still_writes(fake, tmp_path):
     assert r.exit_code == 0, r.output
     meta = json.loads(out.read_text().splitlines()[0])
     assert meta["type"] == "meta" and meta["rung"] == "deferred" and "host" in meta
+
+
+def test_top_refreshes_in_place_on_a_terminal(fake, monkeypatch):
+    monkeypatch.setattr(cli_mod, "stdout_is_tty", lambda: True)
+    fake.agg_script = [rows(5, 1), rows(9, 1)]
+    r = run("top", "--count", "2")
+    assert r.exit_code == 0, r.output
+    assert r.output.count("\033[H\033[2J") == 2
+    assert "SACK_OVER 9" in r.output.split("\033[2J")[-1]
