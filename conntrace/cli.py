@@ -545,7 +545,7 @@ def top(interval, by, as_json, from_path, count, anonymize, anonymize_keep_prefi
                 screen = header + "\n\n" + body + ("\n\n" + "\n".join(advice_lines)
                                                    if advice_lines else "")
                 if tty:
-                    click.echo("\033[H\033[2J" + screen)
+                    click.echo("\033[H\033[2J" + screen, color=True)   # keep the escape codes
                 else:
                     click.echo(screen + "\n")
         except KeyboardInterrupt:
