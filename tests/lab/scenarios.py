@@ -512,7 +512,15 @@ def run_all(args) -> dict:
             doc["timings"]["wait_s"] = round(wait_for_file(args.wait_for, args.wait_timeout), 3)
         t_run = time.time()
         for index, (name, family, liberal) in enumerate(plan(args.only, args.ipv6_too, args.liberal)):
-            rec = run_scenario(topo, klog, name, family, liberal, index, era, args.settle)
+            try:
+                rec = run_scenario(topo, klog, name, family, liberal, index, era, args.settle)
+            except Exception as exc:          # record it and go on: one broken case != no results
+                rec = {"id": f"{name}/{family}/liberal={liberal}", "name": name, "family": family,
+                       "liberal": liberal, "description": DESCRIPTIONS[name],
+                       "start": None, "inject_at": None, "end": time.time(),
+                       "expected": expectation(name, era, liberal), "oracle": None,
+                       "error": f"{type(exc).__name__}: {exc}",
+                       "mismatches": [f"scenario failed: {type(exc).__name__}: {exc}"], "ok": False}
             doc["scenarios"].append(rec)
             if not args.quiet:
                 print(summary_line(rec), flush=True)
@@ -533,6 +541,8 @@ def run_all(args) -> dict:
 
 def summary_line(rec: dict) -> str:
     orc = rec["oracle"]
+    if orc is None:
+        return f"{rec['id']:<34} ERROR: {rec['error']}"
     msg = "; ".join(orc["messages"]) or "(no log)"
     status = "ok" if rec["ok"] else "MISMATCH: " + " / ".join(rec["mismatches"])
     return (f"{rec['id']:<34} invalid={orc['invalid_delta']} dropped={str(orc['dropped']):<5} "
