@@ -64,6 +64,11 @@ def _check_count(d: dict, key: str = "count") -> int:
 
 def _check_omitted(d: dict) -> dict:
     _check_count(d)
+    for key in ("first_seen", "last_seen", "bytes"):
+        v = d.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0
+                              or v != v or v == float("inf")):
+            raise SchemaError(f"field '{key}' must be a non-negative number, got {v!r}")
     for key in ("peer", "reason", "verdict"):
         if not isinstance(d.get(key), str):
             raise SchemaError(f"field '{key}' must be a string")
@@ -206,9 +211,13 @@ class Writer:
         self._write({"schema": SCHEMA_VERSION, "type": RECORD_LOST, "count": count,
                      "total": self.lost_total, "time": when})
 
-    def omitted(self, netns: int, peer: str, reason: str, verdict: str, count: int, nbytes: int = 0):
-        self._write({"schema": SCHEMA_VERSION, "type": RECORD_OMITTED, "netns": netns, "peer": peer,
-                     "reason": reason, "verdict": verdict, "count": count, "bytes": nbytes})
+    def omitted(self, netns: int, peer: str, reason: str, verdict: str, count: int, nbytes: int = 0,
+                first_seen: Optional[float] = None, last_seen: Optional[float] = None):
+        d = {"schema": SCHEMA_VERSION, "type": RECORD_OMITTED, "netns": netns, "peer": peer,
+             "reason": reason, "verdict": verdict, "count": count, "bytes": nbytes}
+        if first_seen:
+            d["first_seen"], d["last_seen"] = first_seen, last_seen or first_seen
+        self._write(d)
 
     def summary(self, **totals):
         self._write({"schema": SCHEMA_VERSION, "type": RECORD_SUMMARY, **totals})

@@ -69,6 +69,8 @@ def fmt_ago(t: float, now: float) -> str:
 
 
 def endpoint(addr: str, port: int) -> str:
+    if not addr:
+        return "?"           # the probe could not read the packet (family 0)
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 

@@ -393,7 +393,7 @@ def write_events(path: str, cap: Capture, anonymizer=None):
             w.event(ev)
         for om in cap.omitted:
             w.omitted(om["netns"], om["peer"], om["reason"], om["verdict"], om["count"],
-                      om.get("bytes", 0))
+                      om.get("bytes", 0) or 0, om.get("first_seen"), om.get("last_seen"))
         if cap.lost:
             w.lost(cap.lost, cap.end)
         w.summary(ended=cap.end, events=len(cap.events),

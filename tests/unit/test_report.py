@@ -94,3 +94,14 @@ def test_empty_capture_still_writes_a_report(tmp_path):
     rep = write_bundle(str(tmp_path / "e"), Capture(events=[], start=1, end=2))
     md = (tmp_path / "e" / "report.md").read_text()
     assert "No segment was rejected" in md and rep["advice"] == []
+
+
+def test_omitted_records_keep_their_times(tmp_path):
+    budget = EventBudget(max_events=1, per_key=0)
+    for i in range(3):
+        budget.add(make_event(time=100.0 + i))
+    cap = Capture(events=budget.kept, omitted=budget.omitted_records(), start=1, end=2)
+    write_bundle(str(tmp_path / "t"), cap)
+    rep = build_report(capture_from_recording(read_recording(str(tmp_path / "t" / "events.ndjson"))))
+    (row,) = rep["peers"]
+    assert (row["packets"], row["first_seen"], row["last_seen"]) == (3, 100.0, 102.0)
