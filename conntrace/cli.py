@@ -569,10 +569,7 @@ class StatTracker:
         self.prev: dict = {}
 
     def _read(self, ino):
-        if ino == self.own:
-            return sysctl.read_conntrack_stat()
-        pids = (self.nsmap.get(ino) or {}).get("pids") or []
-        return sysctl.read_conntrack_stat(pids[0]) if pids else None
+        return sysctl.read_conntrack_stat_of(ino, self.nsmap)
 
     def delta(self, inodes) -> Optional[int]:
         total, known = 0, False

@@ -241,12 +241,35 @@ def parse_conntrack_stat(text: str) -> dict:
     return sums
 
 
-def read_conntrack_stat(pid: Optional[int] = None) -> Optional[dict]:
-    path = f"/proc/{pid}/net/stat/nf_conntrack" if pid else "/proc/net/stat/nf_conntrack"
+def read_conntrack_stat(pid: Optional[int] = None, path: Optional[str] = None) -> Optional[dict]:
+    path = path or (f"/proc/{pid}/net/stat/nf_conntrack" if pid else "/proc/net/stat/nf_conntrack")
     try:
         with open(path) as fh:
             return parse_conntrack_stat(fh.read())
     except OSError:
+        return None
+
+
+def read_conntrack_stat_of(inode: int, nsmap: dict) -> Optional[dict]:
+    """The stat of any namespace: via a process in it, else by entering it (ip netns names).
+
+    After setns the thread must read /proc/thread-self/net: /proc/self/net follows the
+    main thread's namespace.
+    """
+    if inode == own_netns_inode():
+        return read_conntrack_stat()
+    entry = nsmap.get(inode) or {}
+    for pid in entry.get("pids") or []:
+        got = read_conntrack_stat(pid)
+        if got is not None:
+            return got
+    ref = ref_for_inode(inode, nsmap)
+    if ref is None:
+        return None
+    try:
+        return in_netns(ref, lambda: read_conntrack_stat(
+            path="/proc/thread-self/net/stat/nf_conntrack"))
+    except SysctlError:
         return None
 
 

@@ -135,3 +135,13 @@ def test_run_tool_missing_is_a_note():
     assert not ok and "not found" in why
     ok, out = sysctl.run_tool(["echo", "hi"])
     assert ok and out.strip() == "hi"
+
+
+def test_stat_of_a_namespace_by_pid_or_not_at_all(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    stat.write_text(STAT)
+    monkeypatch.setattr(sysctl, "read_conntrack_stat",
+                        lambda pid=None, path=None: sysctl.parse_conntrack_stat(STAT) if pid == 77
+                        else None)
+    assert sysctl.read_conntrack_stat_of(5, {5: {"names": [], "pids": [76, 77]}})["invalid"] == 0x109
+    assert sysctl.read_conntrack_stat_of(6, {}) is None
