@@ -458,10 +458,12 @@ def _owners(peers) -> dict:
     return out
 
 
-def _snapshot(groups, by, when, interval, rung, knobs, invalid_delta, lost, overflow) -> dict:
+def _snapshot(groups, by, when, interval, rung, knobs, invalid_delta, lost, overflow,
+              invalid_since_start=None) -> dict:
     return {"schema": SCHEMA_VERSION, "type": RECORD_TOP, "time": when, "interval": interval,
             "by": by, "rung": rung, "lost": lost, "map_overflow": overflow,
             "conntrack_invalid_delta": invalid_delta,
+            "conntrack_invalid_since_start": invalid_since_start,
             "sysctls": {str(k): v for k, v in knobs.items()},
             "groups": [{"key": list(g.key), "label": g.label, "packets": g.packets,
                         "invalid": g.invalid, "bytes": g.bytes, "rate": round(g.rate, 3),
@@ -529,7 +531,7 @@ def top(interval, by, as_json, from_path, count, anonymize, anonymize_keep_prefi
                 n += 1
                 if as_json:
                     click.echo(dumps(_snapshot(ordered, by, now, interval, plan.rung, knobs,
-                                               inv_delta, lost, overflow)))
+                                               inv_delta, lost, overflow, stats.since_start())))
                     continue
                 header = render.top_header(now, plan.rung, knobs, inv_delta, lost, overflow,
                                            interval, names)
@@ -567,6 +569,7 @@ class StatTracker:
     def __init__(self, nsmap, own):
         self.nsmap, self.own = nsmap, own
         self.prev: dict = {}
+        self.first: dict = {}       # baseline per namespace, for the total since start
 
     def _read(self, ino):
         return sysctl.read_conntrack_stat_of(ino, self.nsmap)
@@ -579,10 +582,17 @@ class StatTracker:
                 continue
             before = self.prev.get(ino)
             self.prev[ino] = cur
+            self.first.setdefault(ino, cur)
             if before is not None:
                 total += cur.get("invalid", 0) - before.get("invalid", 0)
                 known = True
         return total if known else None
+
+    def since_start(self) -> Optional[int]:
+        if not self.first:
+            return None
+        return sum(self.prev[i].get("invalid", 0) - self.first[i].get("invalid", 0)
+                   for i in self.first)
 
 
 def _top_replay(path, by, as_json, anon):

@@ -293,6 +293,7 @@ def test_top_live_json_snapshots_use_the_kernel_counts(fake):
     g = snaps[1]["groups"][0]
     assert g["label"] == "203.0.113.7" and g["packets"] == 100_100
     assert snaps[1]["rung"] == "deferred" and "lost" in snaps[1] and "map_overflow" in snaps[1]
+    assert "conntrack_invalid_since_start" in snaps[1]
     p = fake.instances[0]
     assert p.aggregate and not p.events and p.closed and p.polls == 0    # never per-event work
 
