@@ -509,7 +509,9 @@ def decode_record(raw: bytes | CtEvent, clock_offset: float = 0.0) -> Event:
         reason, verdict = classify_text(fmt, string)
         if reason in ("IGNORED_STATE", "INVALID_STATE") and not string and have_ct:
             string = TCP_STATES[rec.tcp.state] if rec.tcp.state < len(TCP_STATES) else str(rec.tcp.state)
-        message = string if fmt == "%s" else render_message(fmt, args, string)
+        # trailing blanks (5.10's "invalid packet ignored in state %s ") carry nothing and
+        # vanish in the kernel's own log line, which appends " IN=... " anyway
+        message = (string if fmt == "%s" else render_message(fmt, args, string)).rstrip()
         if rec.source == SRC_TCP_LOG_VARIADIC:
             verdict = "invalid" if rec.ret == 1 else "ignored"
             if rec.flags & (F_LIBERAL_SENDER | F_LIBERAL_SYSCTL):

@@ -362,3 +362,10 @@ def test_aggregate_row():
     assert (row.peer, row.local, row.local_port, row.reason, row.verdict) == \
         ("192.0.2.9", "10.0.0.2", 443, "SACK_OVER", "invalid")
     assert (row.packets, row.bytes, row.first_seen, row.last_seen, row.peer_port) == (3, 180, 101.0, 103.0, None)
+
+
+def test_510_ignored_state_message_has_no_trailing_blank():
+    ev = d.decode_record(make_record(source=d.SRC_CT_LOG, fmt=b"invalid packet ignored in state %s ",
+                                     args=[0xffffffff81000000], string=b"ESTABLISHED"))
+    assert (ev.reason, ev.verdict) == ("IGNORED_STATE", "ignored")
+    assert ev.message == "invalid packet ignored in state ESTABLISHED"
