@@ -48,10 +48,89 @@ class Recording:
                 f" (first: {self.first_skip})")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and v == v and abs(v) != float("inf")
+
+
+def _need(ok: bool, key: str, want: str, value):
+    if not ok:
+        shown = repr(value)
+        raise SchemaError(f"field '{key}' must be {want}, got "
+                          f"{shown[:37] + '...' if len(shown) > 40 else shown}")
+
+
+def _check_sysctls(d: dict, key: str = "sysctls"):
+    v = d.get(key)
+    if v is None:
+        return
+    _need(isinstance(v, dict), key, "an object", v)
+    for ns, knobs in v.items():
+        _need(ns.isdigit(), key, "keyed by netns inode", ns)
+        _need(isinstance(knobs, dict) and all(isinstance(k, str) and (x is None or _is_int(x))
+                                              for k, x in knobs.items()),
+              f"{key}.{ns}", "an object of integers", knobs)
+
+
 def _check_meta(d: dict) -> dict:
-    for key in ("sysctls", "netns_names", "host"):
-        if key in d and not isinstance(d[key], dict):
-            raise SchemaError(f"field '{key}' must be an object")
+    """Facts replay relies on must have the right types; anything else is ignored."""
+    for key in ("started",):
+        if key in d:
+            _need(_is_num(d[key]) and d[key] >= 0, key, "a time in seconds", d[key])
+    for key in ("rung", "conntrace"):
+        if key in d:
+            _need(d[key] is None or isinstance(d[key], str), key, "a string", d[key])
+    if "own_netns" in d:
+        _need(d["own_netns"] is None or _is_int(d["own_netns"]), "own_netns", "an integer",
+              d["own_netns"])
+    host = d.get("host")
+    if host is not None:
+        _need(isinstance(host, dict), "host", "an object", host)
+        for k in ("kernel", "rung", "distribution", "bcc", "conntrace", "python", "hostname"):
+            if k in host:
+                _need(host[k] is None or isinstance(host[k], str), f"host.{k}", "a string", host[k])
+        for k in ("missing", "probes"):
+            if k in host:
+                _need(isinstance(host[k], list) and all(isinstance(x, str) for x in host[k]),
+                      f"host.{k}", "a list of strings", host[k])
+    names = d.get("netns_names")
+    if names is not None:
+        _need(isinstance(names, dict), "netns_names", "an object", names)
+        for ns, entry in names.items():
+            _need(ns.isdigit() and isinstance(entry, dict)
+                  and isinstance(entry.get("names", []), list)
+                  and all(isinstance(x, str) for x in entry.get("names", []))
+                  and isinstance(entry.get("pids", []), list)
+                  and all(_is_int(x) for x in entry.get("pids", [])),
+                  f"netns_names.{ns}", "{names: [str], pids: [int]}", entry)
+    _check_sysctls(d)
+    return d
+
+
+def _check_summary(d: dict) -> dict:
+    for key in ("ended", "duration"):
+        if key in d:
+            _need(_is_num(d[key]) and d[key] >= 0, key, "a non-negative number", d[key])
+    for key in ("lost", "events", "omitted", "filtered"):
+        if key in d:
+            _need(_is_int(d[key]) and d[key] >= 0, key, "a non-negative integer", d[key])
+    _check_sysctls(d)
+    delta = d.get("stat_delta")
+    if delta is not None:
+        _need(isinstance(delta, dict) and all(_is_int(x) for x in delta.values()), "stat_delta",
+              "an object of integers", delta)
+    rules = d.get("ruleset")
+    if rules is not None:
+        _need(isinstance(rules, list) and all(
+            isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("tool", "context", "line"))
+            for r in rules), "ruleset", "a list of {tool, context, line}", rules)
+    notes = d.get("ruleset_notes")
+    if notes is not None:
+        _need(isinstance(notes, list) and all(isinstance(x, str) for x in notes), "ruleset_notes",
+              "a list of strings", notes)
     return d
 
 
@@ -100,6 +179,8 @@ def parse_line(text: str):
         return rtype, d
     if rtype == RECORD_OMITTED:
         return rtype, _check_omitted(d)
+    if rtype == RECORD_SUMMARY:
+        return rtype, _check_summary(d)
     return rtype, d
 
 

@@ -449,3 +449,48 @@ def test_top_refreshes_in_place_on_a_terminal(fake, monkeypatch):
     assert r.exit_code == 0, r.output
     assert r.output.count("\033[H\033[2J") == 2
     assert "SACK_OVER 9" in r.output.split("\033[2J")[-1]
+
+
+# ---- property-based: no replay input makes any command show a traceback ---------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_FIXTURE_LINES = open(MIDDLEBOX).read().splitlines()
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2 ** 40, 2 ** 40) | st.floats(allow_nan=True)
+    | st.text(max_size=12),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+    max_leaves=8)
+
+
+def _mutate(record: dict, data) -> dict:
+    """Replace one value somewhere in the record (top level or one level down)."""
+    key = data.draw(st.sampled_from(sorted(record)))
+    if isinstance(record[key], dict) and record[key] and data.draw(st.booleans()):
+        sub = data.draw(st.sampled_from(sorted(record[key])))
+        record[key][sub] = data.draw(_json_values)
+    else:
+        record[key] = data.draw(_json_values)
+    return record
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_fuzz_replay_never_shows_a_traceback(tmp_path_factory, data):
+    lines = list(_FIXTURE_LINES)
+    # always mutate meta or summary (the records replay trusts most), sometimes an event too
+    idx = [0, len(lines) - 1] + ([data.draw(st.integers(1, len(lines) - 2))]
+                                  if data.draw(st.booleans()) else [])
+    for i in idx:
+        lines[i] = json.dumps(_mutate(json.loads(lines[i]), data))
+    d = tmp_path_factory.mktemp("fz")
+    path = d / "rec.ndjson"
+    path.write_text("\n".join(lines) + "\n")
+    for args in (["report", "--from", str(path), "--out", str(d / "out")],
+                 ["top", "--from", str(path)], ["advise", "--from", str(path)],
+                 ["trace", "--from", str(path)]):
+        r = CliRunner().invoke(cli, args)
+        assert r.exception is None or isinstance(r.exception, SystemExit), \
+            (args, repr(r.exception), lines[idx[0]][:200])
+        assert "Traceback" not in r.output
