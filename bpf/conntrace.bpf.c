@@ -236,7 +236,12 @@ static __always_inline void read_netns(struct ct_event *e, struct net *net)
 	e->flags |= CT_F_HAVE_KNOBS;
 	if (k.be_liberal)
 		e->flags |= CT_F_LIBERAL_SYSCTL;
-	netns_knobs.update(&e->netns, &k);
+	/* under a flood, only write when something changed (avoids bucket-lock traffic) */
+	struct ct_knobs *seen = netns_knobs.lookup(&e->netns);
+	if (!seen || seen->be_liberal != k.be_liberal || seen->loose != k.loose ||
+	    seen->ignore_invalid_rst != k.ignore_invalid_rst || seen->log_invalid != k.log_invalid ||
+	    seen->checksum != k.checksum)
+		netns_knobs.update(&e->netns, &k);
 }
 
 /* IPv6 extension headers conntrack skips before TCP (hop-by-hop, routing, dest opts). */
