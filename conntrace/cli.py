@@ -198,6 +198,9 @@ def _plan_and_warn(mod):
     plan = mod.plan_attach()
     for what in getattr(plan, "missing", None) or []:
         click.echo(f"conntrace: rung {plan.rung}: will miss {what}", err=True)
+    # BCC compiles the programs now: seconds natively, up to a minute in an emulated VM
+    click.echo(f"conntrace: compiling and attaching {', '.join(plan.probes or []) or 'probes'} "
+               f"(rung {plan.rung})...", err=True)
     return plan
 
 

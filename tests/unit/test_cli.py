@@ -133,8 +133,9 @@ def test_trace_live_table_count_and_footer(fake):
     fake.batches = [[make_event(seq=i) for i in range(3)], [make_event(reason="SACK_OVER", sack=9)]]
     r = run("trace", "--count", "4")
     assert r.exit_code == 0, r.output
-    lines = r.output.splitlines()
-    assert lines[1].startswith("TIME     REASON")
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("TIME     REASON")
+    assert "compiling and attaching" in r.stderr
     assert sum(1 for l in lines if l.split()[1:2] == ["SEQ_OVER"]) == 3
     assert "4 events shown" in r.output and "0 lost" in r.output
     assert fake.instances[0].closed and fake.instances[0].events and not fake.instances[0].aggregate
@@ -169,7 +170,7 @@ def test_trace_lost_events_footer_line_and_record(fake, tmp_path):
 def test_trace_json_is_ndjson_with_summary(fake):
     fake.batches = [[make_event(), make_event(reason="INVALID_RST", bound=None, distance=None)]]
     r = run("trace", "--json", "--count", "2")
-    recs = [json.loads(l) for l in r.output.splitlines()]
+    recs = [json.loads(l) for l in r.stdout.splitlines()]      # stdout stays pure NDJSON
     assert [d["type"] for d in recs] == ["event", "event", "summary"]
     assert recs[0]["schema"] == 1 and recs[0]["reason"] == "SEQ_OVER"
     assert recs[-1]["events"] == 2 and isinstance(recs[-1]["advice"], list)
@@ -288,7 +289,7 @@ def test_top_live_json_snapshots_use_the_kernel_counts(fake):
     fake.agg_script = [rows(100, 10), rows(100_100, 30)]
     r = run("top", "--json", "--count", "2", "--interval", "1")
     assert r.exit_code == 0, r.output
-    snaps = [json.loads(l) for l in r.output.splitlines()]
+    snaps = [json.loads(l) for l in r.stdout.splitlines()]
     assert [s["type"] for s in snaps] == ["top", "top"]
     g = snaps[1]["groups"][0]
     assert g["label"] == "203.0.113.7" and g["packets"] == 100_100
