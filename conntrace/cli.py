@@ -315,9 +315,9 @@ def trace(as_json, write_path, peers, port, netns, reasons, verdicts, count, dur
     with stop_on_signals():
         try:
             probe.start()
-            if not as_json:
-                click.echo(f"Tracing conntrack INVALID/ignored TCP segments (rung {plan.rung})"
-                           "... Hit Ctrl-C to end.", err=True)
+            # Always on stderr (even with --json): scripts wait for it to know probes are live.
+            click.echo(f"Tracing conntrack INVALID/ignored TCP segments (rung {plan.rung})"
+                       "... Hit Ctrl-C to end.", err=True)
             done = False
             while not done:
                 if duration and time.time() - started >= duration:
@@ -515,9 +515,9 @@ def top(interval, by, as_json, from_path, count, anonymize, anonymize_keep_prefi
     with stop_on_signals():
         try:
             probe.start()
-            if not tty and not as_json:
-                click.echo(f"Counting conntrack INVALID/ignored TCP segments (rung {plan.rung}), "
-                           f"output every {interval:g} s. Hit Ctrl-C to end.", err=True)
+            # Always on stderr (even with --json): scripts wait for it to know probes are live.
+            click.echo(f"Counting conntrack INVALID/ignored TCP segments (rung {plan.rung}), "
+                       f"output every {interval:g} s. Hit Ctrl-C to end.", err=True)
             while count is None or n < count:
                 time.sleep(interval)
                 now = time.time()

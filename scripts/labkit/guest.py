@@ -116,7 +116,8 @@ def run(class_name: str, command: list[str], *, timeout: float = 900, mode: str 
     started = time.monotonic()
     if mode == "shell":
         return subprocess.call(qcmd)
-    proc = subprocess.Popen(qcmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(qcmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=_die_with_parent)
     pos = 0
     timed_out = False
     try:
@@ -154,6 +155,13 @@ def run(class_name: str, command: list[str], *, timeout: float = 900, mode: str 
     rc = int(rc_file.read_text().strip() or 125)
     print(f"lab: exit {rc} after {elapsed:.1f} s; dmesg in {run_dir / 'dmesg.txt'}", file=err, flush=True)
     return rc
+
+
+def _die_with_parent() -> None:
+    """QEMU must not outlive the runner (killed test, CI timeout): PR_SET_PDEATHSIG."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _tail_console(run_dir: Path, err) -> None:
