@@ -15,8 +15,8 @@ Pure Python, no BPF: everything here is unit-tested on any machine.
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 import re
+import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -446,9 +446,9 @@ def distance_from_bound(reason: str, bound: int, seq: int, sack: int, end: int) 
 
 def _addr(raw: bytes, family: int) -> str:
     if family == 4:
-        return str(ipaddress.IPv4Address(bytes(raw[:4])))
+        return socket.inet_ntop(socket.AF_INET, bytes(raw[:4]))
     if family == 6:
-        return str(ipaddress.IPv6Address(bytes(raw[:16])))
+        return socket.inet_ntop(socket.AF_INET6, bytes(raw[:16]))
     return ""
 
 
