@@ -567,14 +567,22 @@ def _anon_row(anon, row):
 
 
 class StatTracker:
-    """conntrack's own invalid counter, summed over CPUs and over the namespaces seen."""
+    """conntrack's own invalid counter, summed over CPUs and over the namespaces seen.
+
+    A namespace that did not exist when we started (a container or test netns created
+    since) starts from zero: every invalid it counted happened while we watched. One that
+    existed starts from its value when first seen, since its earlier history is not ours.
+    """
 
     def __init__(self, nsmap, own):
         self.nsmap, self.own = nsmap, own
+        self.existing_at_start = set(nsmap)
         self.prev: dict = {}
         self.first: dict = {}       # baseline per namespace, for the total since start
 
     def _read(self, ino):
+        if ino not in self.nsmap:
+            self.nsmap = sysctl.netns_map()     # created since we started: find a way in
         return sysctl.read_conntrack_stat_of(ino, self.nsmap)
 
     def delta(self, inodes) -> Optional[int]:
@@ -584,8 +592,10 @@ class StatTracker:
             if cur is None:
                 continue
             before = self.prev.get(ino)
+            if before is None and ino not in self.existing_at_start:
+                before = {k: 0 for k in cur}
             self.prev[ino] = cur
-            self.first.setdefault(ino, cur)
+            self.first.setdefault(ino, before if before is not None else cur)
             if before is not None:
                 total += cur.get("invalid", 0) - before.get("invalid", 0)
                 known = True
@@ -731,10 +741,14 @@ def _live_capture(command, duration, max_events, quiet=False) -> Capture:
                       | ({own} if own else set()))
     stat_delta = {}
     for ino in involved:
-        after = stats._read(ino)
-        d = sysctl.stat_delta(stat_before.get(ino), after)
+        after = stats._read(ino)          # also maps namespaces created during the capture
+        before = stat_before.get(ino)
+        if before is None and after is not None and ino not in stats.existing_at_start:
+            before = {k: 0 for k in after}  # born during the capture: all of it is ours
+        d = sysctl.stat_delta(before, after)
         for k, v in (d or {}).items():
             stat_delta[k] = stat_delta.get(k, 0) + v
+    nsmap = stats.nsmap
     refs = {ino: (None if ino == own else sysctl.ref_for_inode(ino, nsmap)) for ino in involved}
     refs = {k: v for k, v in refs.items() if k == own or v is not None}
     ruleset, notes = collect_ruleset(refs)

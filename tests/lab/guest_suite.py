@@ -142,19 +142,25 @@ def step_top(out: Path) -> None:
 
 
 def step_middlebox(out: Path) -> None:
-    """The seed story, watched by `top` and captured by `report --duration`."""
-    top = Background(out, "mbtop", conntrace("top", "--json", "--interval", "2"))
-    report = Background(out, "report", conntrace("report", "--duration", "45", "--out", str(out / "report")))
-    top.wait_ready()
-    report.wait_ready()
+    """The seed story: transfer times with be_liberal 0 and 1; then, watched by `top` and
+    captured by `report --duration`, transfers kept running with be_liberal=0 (the
+    namespaces must outlive the capture so that report can read their settings)."""
     rc = run([sys.executable, "-m", "tests.lab.middlebox", "run", "--liberal", "both", "--size", "3",
               "--out", str(out / "middlebox.json")], out, "middlebox", timeout=600)
-    rep = report.wait(timeout=120)
-    time.sleep(2.5)
+    top = Background(out, "mbtop", conntrace("top", "--json", "--interval", "2"))
+    report = Background(out, "report", conntrace("report", "--duration", "40", "--out", str(out / "report")))
+    top.wait_ready()
+    report.wait_ready()
+    watched = subprocess.Popen([sys.executable, "-m", "tests.lab.middlebox", "run", "--liberal", "0",
+                                "--size", "3", "--keep-running", "75", "--out", str(out / "middlebox-watched.json")],
+                               cwd=CHECKOUT, stdin=subprocess.DEVNULL, stdout=open(out / "middlebox-watched.log", "w"),
+                               stderr=subprocess.STDOUT)
+    rep = report.wait(timeout=180)
     mb = top.interrupt()
+    watched_rc = watched.wait(timeout=300)
     os.replace(out / "mbtop.out", out / "mbtop.ndjson")
-    (out / "middlebox-lifecycle.json").write_text(json.dumps({"middlebox_rc": rc, "top": mb, "report": rep},
-                                                             indent=1))
+    (out / "middlebox-lifecycle.json").write_text(json.dumps(
+        {"middlebox_rc": rc, "watched_rc": watched_rc, "top": mb, "report": rep}, indent=1))
 
 
 def step_apply(out: Path) -> None:

@@ -191,7 +191,7 @@ def test_middlebox_stalls_without_be_liberal_and_completes_with_it(suite):
 
 
 def test_middlebox_top_names_the_peer_with_sack_over_and_advises(suite):
-    mb = suite.json("middlebox.json")
+    mb = suite.json("middlebox-watched.json")
     snaps = [r for r in _records(suite.dir / "mbtop.ndjson") if r.get("type") == "top"]
     assert snaps
     peer = mb["topology"]["client"]   # the sender of the SACK-carrying ACKs

@@ -114,7 +114,7 @@ def _read_bytes(data: bytes):
     return rec
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=2000))
 def test_fuzz_random_bytes(data):
     _read_bytes(data)
@@ -127,7 +127,7 @@ json_values = st.recursive(
     max_leaves=20)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(sorted(make_event().to_dict())), json_values)
 def test_fuzz_one_field_of_a_valid_event(key, value):
     d = make_event().to_dict()
@@ -140,7 +140,7 @@ def test_fuzz_one_field_of_a_valid_event(key, value):
     assert len(rec.events) + rec.skipped == 2 and rec.events
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(min_value=0, max_value=400))
 def test_fuzz_truncated_lines(cut):
     line = json.dumps(make_event().to_dict()).encode()
@@ -148,7 +148,7 @@ def test_fuzz_truncated_lines(cut):
     assert rec is not None and len(rec.events) >= 1
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(json_values, max_size=5))
 def test_fuzz_json_lines(values):
     _read_bytes(b"\n".join(json.dumps(v).encode() for v in values))
