@@ -458,9 +458,8 @@ def _family_of_l3num(l3num: int) -> int:
 
 def _tuple(t: CtTuple) -> Tuple:
     fam = _family_of_l3num(t.l3num)
-    ntohs = lambda v: struct.unpack("!H", struct.pack("=H", v))[0]  # noqa: E731
-    return Tuple(src=_addr(bytes(t.src), fam), sport=ntohs(t.sport),
-                 dst=_addr(bytes(t.dst), fam), dport=ntohs(t.dport))
+    return Tuple(src=_addr(bytes(t.src), fam), sport=socket.ntohs(t.sport),
+                 dst=_addr(bytes(t.dst), fam), dport=socket.ntohs(t.dport))
 
 
 def _side(s: CtTcpState) -> WindowSide:
@@ -633,7 +632,7 @@ class AggregateRow:
 
 
 def decode_aggregate(key: CtAggKey, val: CtAggVal, clock_offset: float = 0.0) -> AggregateRow:
-    lport = struct.unpack("!H", struct.pack("=H", key.lport))[0]
+    lport = socket.ntohs(key.lport)
     return AggregateRow(
         netns=key.netns, family=key.family,
         peer=_addr(bytes(key.peer), key.family), local=_addr(bytes(key.local), key.family),
