@@ -369,3 +369,68 @@ def test_510_ignored_state_message_has_no_trailing_blank():
                                      args=[0xffffffff81000000], string=b"ESTABLISHED"))
     assert (ev.reason, ev.verdict) == ("IGNORED_STATE", "ignored")
     assert ev.message == "invalid packet ignored in state ESTABLISHED"
+
+
+# ---- Probe's user-space side against fake BPF tables (no kernel needed) -----------------------
+
+class _Cell:
+    def __init__(self, value):
+        self.value = value
+
+
+class _Table:
+    """items()/keys() over (key, value) pairs, like a BCC hash table."""
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def items(self):
+        return list(self.pairs)
+
+    def keys(self):
+        return [k for k, _ in self.pairs]
+
+
+class _FakeBpf:
+    def __init__(self, aggs, inserted, failed, lost_per_cpu, knobs):
+        self.tables = {"aggs": _Table(aggs), "agg_stats": [_Cell(inserted), _Cell(failed)],
+                       "lost": [lost_per_cpu], "netns_knobs": _Table(knobs)}
+        self.cleaned = 0
+
+    def __getitem__(self, name):
+        return self.tables[name]
+
+    def ring_buffer_poll(self, timeout):
+        pass
+
+    def cleanup(self):
+        self.cleaned += 1
+
+
+def test_probe_reads_aggregates_overflow_lost_and_knobs():
+    from conntrace.probe import Probe, AttachPlan
+    k, v = d.CtAggKey(), d.CtAggVal()
+    k.family, k.netns, k.reason, k.verdict = 4, 9, d.REASON_CODE["SEQ_OVER"], 0
+    ctypes.memmove(k.peer, socket.inet_aton("10.213.0.101"), 4)
+    v.packets, v.bytes = 50000, 7_000_000
+    knob = type("K", (), {"be_liberal": 1, "loose": 1, "ignore_invalid_rst": 255, "log_invalid": 0, "checksum": 1})()
+    fake = _FakeBpf([(k, v)], inserted=4100, failed=2, lost_per_cpu=[3, 4], knobs=[(_Cell(9), knob)])
+    p = Probe(AttachPlan("deferred", [], [], {}), aggregate=True)
+    p._bpf = fake
+    rows = p.read_aggregates()
+    assert [(r.peer, r.reason, r.packets) for r in rows] == [("10.213.0.101", "SEQ_OVER", 50000)]
+    assert p.aggregate_overflow() == 4100 - 1 + 2        # evicted (inserted - present) + failed
+    assert p.lost_events() == 7
+    assert p.netns_knobs() == {9: {"be_liberal": 1, "loose": 1, "ignore_invalid_rst": None,
+                                   "log_invalid": 0, "checksum": 1}}
+    # a ring-buffer record goes through the callback into poll()
+    raw = make_record(source=d.SRC_TCP_LOG_DEFERRED, log_type=2, value=70001,
+                      tcp=tcp_header(40000, 20000, 80000, 5000, 0x18, 501))
+    buf = ctypes.create_string_buffer(raw)
+    p._on_event(None, ctypes.addressof(buf), len(raw))
+    p._on_event(None, ctypes.addressof(buf), 10)           # truncated: counted, not raised
+    evs = p.poll(0)
+    assert [e.reason for e in evs] == ["SEQ_OVER"] and p.decode_errors == 1 and p.poll(0) == []
+    assert p.netns_knobs()[4026532234]["log_invalid"] == 0
+    p.close()
+    p.close()
+    assert fake.cleaned == 1
