@@ -11,6 +11,18 @@ Pure Python, no BPF: everything here is unit-tested on any machine.
   text is what the kernel logs (without the ``nf_ct_proto_6:`` prefix and packet dump).
 * ``recompute_bound`` replays tcp_in_window's arithmetic (reference §2.4, §4.5) from
   ``seen`` and the packet, with the kernel's signed 32-bit ``before()/after()``.
+
+Event conventions set here:
+
+* ``bound`` is the kernel's own number when it printed one (6.1+; ``log->value`` on
+  deferred kernels), else the recomputed one (pre-6.1).  OVERSHOT is the exception:
+  the kernel prints a byte count, so that goes to ``distance`` and ``bound`` is the SEQ
+  upper bound (sender.td_maxend + 1).
+* ``distance`` is how many bytes lie outside the bound (>= 1 when the check failed).
+* ``ct_status`` lists IPS_* names without the prefix ("SEEN_REPLY", "ASSURED", ...).
+* ``message`` is the rendered kernel text without trailing blanks.
+* ACK_OVER becomes SACK_OVER when the ACK number itself is within the bound (a SACK
+  right edge was beyond it); the message stays the kernel's "ACK is over ...".
 """
 from __future__ import annotations
 
