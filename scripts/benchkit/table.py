@@ -32,18 +32,20 @@ def throughput(g: dict) -> str:
                      f"{_f(st.get('min'), '{:.0f}')}-{_f(st.get('max'), '{:.0f}')}",
                      _f(st.get("spread_pct"), "{:.1f}%"), st.get("n"), _f(st.get("ratio"), "{:.3f}"),
                      f"{_f((st.get('ratio_per_rep') or {}).get('min'), '{:.3f}')}-"
-                     f"{_f((st.get('ratio_per_rep') or {}).get('max'), '{:.3f}')}"])
+                     f"{_f((st.get('ratio_per_rep') or {}).get('max'), '{:.3f}')}",
+                     _f(st.get("ratio_of_medians"), "{:.3f}")])
     pw = (g.get("phases") or {}).get("pwru") or {}
     if pw.get("ratio") is not None:
         rows.append([LABELS["pwru"] + " (block)", _f(pw["pwru"].get("median"), "{:.0f}"),
                      f"{_f(pw['pwru'].get('min'), '{:.0f}')}-{_f(pw['pwru'].get('max'), '{:.0f}')}",
                      _f(pw["pwru"].get("spread_pct"), "{:.1f}%"), pw["pwru"].get("n"),
-                     _f(pw["ratio"], "{:.3f}"), f"vs its own base block, median {_f(pw['base'].get('median'), '{:.0f}')}"])
+                     "-", "-", _f(pw["ratio"], "{:.3f}") + " (vs the base block after it)"])
     elif pw:
-        rows.append([LABELS["pwru"], "-", "-", "-", 0, "n/a", (pw.get("error") or "")[:70]])
+        rows.append([LABELS["pwru"], "-", "-", "-", 0, "n/a", (pw.get("error") or "")[:70], "-"])
     if not rows:
         return "(throughput phase did not run: " + str(ph.get("error")) + ")"
-    return _table(["variant", "median Mbit/s", "min-max", "spread", "n", "ratio to base", "per-rep ratio"], rows)
+    return _table(["variant", "median Mbit/s", "min-max", "spread", "n", "ratio (median of paired)",
+                   "paired ratios min-max", "ratio of medians"], rows)
 
 
 def capacity(g: dict) -> str:

@@ -73,6 +73,7 @@ class Candidate:
     version: str        # Debian version, e.g. 6.1.192-2
     upstream: tuple     # (6, 1, 192)
     suite: str
+    has_headers: bool = True   # BCC needs them; security suites sometimes drop them first
 
     @property
     def upstream_str(self) -> str:
@@ -170,6 +171,9 @@ def candidates(klass: KernelClass) -> list[Candidate]:
     out = _run(["apt-cache", *opts, "search", "--names-only", r"^linux-image-[0-9][0-9.+a-z-]*-amd64(-unsigned)?$"],
                "apt-cache search")
     names = sorted({line.split()[0] for line in out.splitlines() if line.strip()})
+    hdr_out = _run(["apt-cache", *opts, "search", "--names-only", r"^linux-headers-[0-9][0-9.+a-z-]*-amd64$"],
+                   "apt-cache search")
+    headers = {line.split()[0] for line in hdr_out.splitlines() if line.strip()}
     found: dict[str, Candidate] = {}
     if not names:
         return []
@@ -188,18 +192,18 @@ def candidates(klass: KernelClass) -> list[Candidate]:
         if not (klass.low <= up < klass.high):
             continue
         kver = re.sub(r"-unsigned$", "", name)[len("linux-image-"):]
-        cand = Candidate(name, kver, version, up, suite)
+        cand = Candidate(name, kver, version, up, suite, has_headers=f"linux-headers-{kver}" in headers)
         # Prefer the unsigned package (no signature wrapper); either has the same kernel.
         prev = found.get(kver)
         if prev is None or (name.endswith("-unsigned") and not prev.image.endswith("-unsigned")):
             found[kver] = cand
-    return sorted(found.values(), key=lambda c: (c.upstream, c.version), reverse=True)
+    return sorted(found.values(), key=lambda c: (c.has_headers, c.upstream, c.version), reverse=True)
 
 
 def cached_candidates(klass: KernelClass) -> list[Candidate]:
     """candidates(), remembered until the package index is next refreshed (saves ~3 s a run)."""
     stamp = apt_dir() / "updated"
-    memo = apt_dir() / f"candidates-{klass.name}.json"
+    memo = apt_dir() / f"candidates-v2-{klass.name}.json"
     if memo.exists() and stamp.exists() and memo.stat().st_mtime >= stamp.stat().st_mtime:
         return [Candidate(**{**c, "upstream": tuple(c["upstream"])}) for c in json.loads(memo.read_text())]
     cands = candidates(klass)
@@ -316,6 +320,11 @@ def prepare(class_name: str, refresh: bool = False) -> Kernel:
                        f"{'.'.join(map(str, klass.low))} and {'.'.join(map(str, klass.high))}; "
                        f"the suites no longer carry this ABI")
     problems = []
+    skipped = [c for c in cands if not c.has_headers]
+    if skipped and cands[0].has_headers and skipped[0].upstream > cands[0].upstream:
+        print(f"lab: class {class_name}: newer {', '.join(c.upstream_str for c in skipped[:3])} "
+              f"ha{'ve' if len(skipped) > 1 else 's'} no headers package (BCC needs one); "
+              f"using {cands[0].upstream_str}", file=sys.stderr)
     for cand in cands:
         kdir = kernel_dir(cand.kver)
         meta = kdir / "kernel.json"
@@ -372,11 +381,13 @@ def _unpack(klass: KernelClass, cand: Candidate) -> Kernel:
     return k
 
 
-def resolve_all(refresh: bool = False) -> list[tuple[str, object]]:
-    """(class, Candidate or LabError) for every class, without downloading."""
+def resolve_all(refresh: bool = False) -> list[tuple[str, object, list]]:
+    """(class, Candidate or LabError, newer candidates skipped for lack of headers)."""
     update_index(force=refresh)
     rows = []
     for name, klass in CLASSES.items():
         cands = cached_candidates(klass)
-        rows.append((name, cands[0] if cands else LabError("none found")))
+        usable = [c for c in cands if c.has_headers]
+        skipped = [c for c in cands if not c.has_headers and usable and c.upstream > usable[0].upstream]
+        rows.append((name, usable[0] if usable else LabError("none found"), skipped))
     return rows
