@@ -315,6 +315,7 @@ def trace(as_json, write_path, peers, port, netns, reasons, verdicts, count, dur
     with stop_on_signals():
         try:
             probe.start()
+            started = time.time()   # --duration counts from attach, not from the compile
             # Always on stderr (even with --json): scripts wait for it to know probes are live.
             click.echo(f"Tracing conntrack INVALID/ignored TCP segments (rung {plan.rung})"
                        "... Hit Ctrl-C to end.", err=True)
@@ -720,6 +721,7 @@ def _live_capture(command, duration, max_events, quiet=False) -> Capture:
     with stop_on_signals():
         try:
             probe.start()
+            start = time.time()     # the capture lasts `duration` from attach, not from the compile
             stat_before = {ino: stats._read(ino) for ino in nsmap}
             if not quiet:
                 click.echo(f"Capturing for {duration:g} s (rung {plan.rung})... Ctrl-C ends "

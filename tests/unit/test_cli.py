@@ -495,3 +495,37 @@ def test_fuzz_replay_never_shows_a_traceback(tmp_path_factory, data):
         assert r.exception is None or isinstance(r.exception, SystemExit), \
             (args, repr(r.exception), lines[idx[0]][:200])
         assert "Traceback" not in r.output
+
+
+# ---- --duration counts from attach ---------------------------------------------------------
+
+class _Clock:
+    def __init__(self):
+        self.now = 1_800_000_000.0
+
+    def time(self):
+        return self.now
+
+
+@pytest.mark.parametrize("command", [["trace", "--json", "--duration", "1"],
+                                     ["report", "--duration", "1"]])
+def test_duration_counts_from_attach_not_from_the_compile(fake, monkeypatch, tmp_path, command):
+    """A BCC compile can take minutes in a VM; the capture must still last --duration."""
+    clock = _Clock()
+    monkeypatch.setattr(cli_mod.time, "time", clock.time)
+
+    def slow_start(self):                 # the compile
+        self.started = True
+        clock.now += 120.0
+
+    def ticking_poll(self, timeout_ms=100):
+        self.polls += 1
+        clock.now += timeout_ms / 1000
+        return []
+
+    monkeypatch.setattr(FakeProbe, "start", slow_start)
+    monkeypatch.setattr(FakeProbe, "poll", ticking_poll)
+    args = command + (["--out", str(tmp_path)] if command[0] == "report" else [])
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert 9 <= FakeProbe.instances[0].polls <= 11
