@@ -510,52 +510,59 @@ def top(interval, by, as_json, from_path, count, anonymize, anonymize_keep_prefi
     stats = StatTracker(nsmap, own)
     probe = mod.Probe(plan, aggregate=True, events=False)
     stats.delta([own] if own else [])      # baseline, so the first refresh shows a delta
-    prev_groups = None
-    n = 0
-    last = time.time()
+    state = {"prev": None, "last": time.time(), "n": 0}
+
+    def refresh() -> None:
+        """Read the in-kernel counts once and show them (one table or one NDJSON snapshot)."""
+        now = time.time()
+        rows = from_probe_rows(probe.read_aggregates())
+        if anon:
+            rows = [_anon_row(anon, r) for r in rows]
+        groups = group_rows(rows, by)
+        ordered = with_rates(groups, state["prev"], now - state["last"])
+        state["prev"], state["last"] = groups, now
+        seen_ns = sorted({r.netns for r in rows} | ({own} if own else set()))
+        knobs = _merge_probe_knobs(_knobs_for(seen_ns, knob_cache, nsmap), probe)
+        inv_delta = stats.delta(seen_ns)
+        lost, overflow = probe.lost_events(), probe.aggregate_overflow()
+        state["n"] += 1
+        if as_json:
+            click.echo(dumps(_snapshot(ordered, by, now, interval, plan.rung, knobs,
+                                       inv_delta, lost, overflow, stats.since_start())))
+            return
+        header = render.top_header(now, plan.rung, knobs, inv_delta, lost, overflow,
+                                   interval, names)
+        owners = {} if anon else _owners([g.label for g in ordered[:40]]) \
+            if by == "peer" else {}
+        adv = run_rules(AdviceInput(rows=rows, sysctls=knobs,
+                                    netns_names=_netns_names_json(nsmap), own_netns=own,
+                                    kernel=os.uname().release))
+        advice_lines = render.advice_text(adv, verbose=False).splitlines() if adv else []
+        limit = _screen_rows(header.count("\n") + 4 + len(advice_lines)) if tty else 20
+        body = render.top_table(ordered, by, now, owners, limit=limit) if ordered \
+            else "(no INVALID or ignored segments yet)"
+        screen = header + "\n\n" + body + ("\n\n" + "\n".join(advice_lines)
+                                           if advice_lines else "")
+        if tty:
+            click.echo("\033[H\033[2J" + screen, color=True)   # keep the escape codes
+        else:
+            click.echo(screen + "\n")
+
+    attached = False
     with stop_on_signals():
         try:
             probe.start()
+            attached = True
             # Always on stderr (even with --json): scripts wait for it to know probes are live.
             click.echo(f"Counting conntrack INVALID/ignored TCP segments (rung {plan.rung}), "
                        f"output every {interval:g} s. Hit Ctrl-C to end.", err=True)
-            while count is None or n < count:
+            while count is None or state["n"] < count:
                 time.sleep(interval)
-                now = time.time()
-                rows = from_probe_rows(probe.read_aggregates())
-                if anon:
-                    rows = [_anon_row(anon, r) for r in rows]
-                groups = group_rows(rows, by)
-                ordered = with_rates(groups, prev_groups, now - last)
-                prev_groups, last = groups, now
-                seen_ns = sorted({r.netns for r in rows} | ({own} if own else set()))
-                knobs = _merge_probe_knobs(_knobs_for(seen_ns, knob_cache, nsmap), probe)
-                inv_delta = stats.delta(seen_ns)
-                lost, overflow = probe.lost_events(), probe.aggregate_overflow()
-                n += 1
-                if as_json:
-                    click.echo(dumps(_snapshot(ordered, by, now, interval, plan.rung, knobs,
-                                               inv_delta, lost, overflow, stats.since_start())))
-                    continue
-                header = render.top_header(now, plan.rung, knobs, inv_delta, lost, overflow,
-                                           interval, names)
-                owners = {} if anon else _owners([g.label for g in ordered[:40]]) \
-                    if by == "peer" else {}
-                adv = run_rules(AdviceInput(rows=rows, sysctls=knobs,
-                                            netns_names=_netns_names_json(nsmap), own_netns=own,
-                                            kernel=os.uname().release))
-                advice_lines = render.advice_text(adv, verbose=False).splitlines() if adv else []
-                limit = _screen_rows(header.count("\n") + 4 + len(advice_lines)) if tty else 20
-                body = render.top_table(ordered, by, now, owners, limit=limit) if ordered \
-                    else "(no INVALID or ignored segments yet)"
-                screen = header + "\n\n" + body + ("\n\n" + "\n".join(advice_lines)
-                                                   if advice_lines else "")
-                if tty:
-                    click.echo("\033[H\033[2J" + screen, color=True)   # keep the escape codes
-                else:
-                    click.echo(screen + "\n")
+                refresh()
         except KeyboardInterrupt:
-            pass
+            # Ctrl-C between refreshes: the totals since the last one are shown, not lost.
+            if attached:
+                refresh()
         finally:
             probe.close()
 

@@ -315,8 +315,11 @@ def test_top_ctrl_c(fake):
     def interrupted(_):
         raise KeyboardInterrupt
     cli_mod.time.sleep = interrupted
-    r = run("top")
+    r = run("top", "--json")
     assert r.exit_code == 0 and fake.instances[0].closed
+    # Ctrl-C before the first refresh still shows the totals counted so far.
+    snaps = [json.loads(l) for l in r.stdout.splitlines()]
+    assert len(snaps) == 1 and snaps[0]["groups"][0]["packets"] == 1
 
 
 def test_top_replay_groupings():
