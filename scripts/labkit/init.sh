@@ -53,7 +53,8 @@ mount -t devtmpfs devtmpfs $R/dev
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts devpts $R/dev/pts
 mount -t tmpfs tmpfs $R/dev/shm
-mount -t tmpfs tmpfs $R/tmp
+# No tmpfs over /tmp: the overlay's upper layer is already in memory, and a checkout or a
+# run directory under the host's /tmp (CI clones can live there) must stay visible.
 mount -t tmpfs tmpfs $R/run
 mkdir -p $R/run/netns $R/var/run 2>/dev/null
 mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
