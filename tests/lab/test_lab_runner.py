@@ -54,3 +54,13 @@ def test_unknown_class_is_a_clear_error():
     proc = run_lab(["run", "--kernel", "4.4", "--", "true"], timeout=60)
     assert proc.returncode != 0
     assert "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_demo_shows_top_catching_the_middlebox():
+    """`scripts/lab demo` is what a newcomer runs first: it must show the story end to end."""
+    proc = run_lab(["demo"], timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-3000:]
+    out = proc.stdout
+    assert "SACK_OVER" in out, out[-3000:]
+    assert "randomiz" in out and "be_liberal" in out, out[-3000:]
+    assert "transfer time with be_liberal=0" in out and "transfer time with be_liberal=1" in out
