@@ -285,6 +285,25 @@ FN_FOR = {"kprobe:nf_tcp_log_invalid": "on_tcp_log_invalid",
           "kprobe:nf_l4proto_log_invalid": "on_l4_log_invalid"}
 
 
+_libc = None
+
+
+def prog_stats(fd: int) -> tuple[int, int]:
+    """(run_cnt, run_time_ns) of a loaded BPF program (BPF_OBJ_GET_INFO_BY_FD; counted only
+    while kernel.bpf_stats_enabled=1). Offsets from linux/bpf.h: run_time_ns 192, run_cnt 200."""
+    import ctypes
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    info = ctypes.create_string_buffer(232)
+    attr = struct.pack("=IIQ", fd, 232, ctypes.addressof(info)) + b"\0" * 104
+    abuf = ctypes.create_string_buffer(attr, len(attr))
+    if _libc.syscall(321, 15, abuf, len(attr)) != 0:          # SYS_bpf, BPF_OBJ_GET_INFO_BY_FD
+        raise OSError(ctypes.get_errno(), "BPF_OBJ_GET_INFO_BY_FD")
+    run_time_ns, run_cnt = struct.unpack_from("=QQ", info.raw, 192)
+    return run_cnt, run_time_ns
+
+
 class InProcess:
     """A Probe plus a thread doing what the CLI's loop does (trace: poll + JSON; top: read the
     map each second), switchable on/off without recompiling."""
@@ -335,10 +354,24 @@ class InProcess:
                 b.detach_kprobe(event=p.split(":", 1)[1])
         self.attached = on
 
+    def stats(self) -> dict:
+        """BPF program runs and in-kernel time of our programs, plus the loop thread's CPU."""
+        runs = ns = 0
+        for name in set(FN_FOR.values()):
+            fn = self.probe._bpf.funcs.get(name.encode()) or self.probe._bpf.funcs.get(name)
+            if fn is not None:
+                c, t = prog_stats(fn.fd)
+                runs, ns = runs + c, ns + t
+        return {"bpf_runs": runs, "bpf_ns": ns, "loop_cpu_s": self.cpu_thread}
+
     def _loop(self):
         from conntrace.ndjson import dumps
+        t_cpu = time.thread_time()
         with open(os.devnull, "w") as sink:
             while self.running:
+                now = time.thread_time()
+                self.cpu_thread += now - t_cpu
+                t_cpu = now
                 if self.kind == "trace":
                     for ev in self.probe.poll(timeout_ms=100):
                         sink.write(dumps(ev.to_dict()) + "\n")
@@ -400,7 +433,9 @@ def phase_startup(lab: Lab, res: dict, state: dict, kinds=("trace", "top")) -> N
 
 
 def phase_throughput(lab: Lab, res: dict, state: dict, reps: int, seconds: float) -> None:
-    variants = ["base", "log_invalid"] + [k for k in ("trace", "top") if k in state]
+    # "control" is an A/A slot: nothing attached, measured exactly like a variant; its ratio
+    # shows the bias and noise of the method itself on this (TCG, shared) machine
+    variants = ["base", "control", "log_invalid"] + [k for k in ("trace", "top") if k in state]
 
     def switch(name: str, on: bool):
         if name == "log_invalid":
@@ -408,6 +443,8 @@ def phase_throughput(lab: Lab, res: dict, state: dict, reps: int, seconds: float
         elif name in state:
             state[name].set(on)
 
+    # count our BPF programs' runs: on valid traffic they must not run at all
+    res["bpf_stats_enabled"] = netlab.write_sysctl("kernel.bpf_stats_enabled", 1, required=False)
     lab.iperf(3)                      # warm-up (TCG translation, TCP caches), discarded
     # Sequence B X B Y B Z B X ...: every variant sample sits between two baseline samples and
     # its ratio is taken against their mean, so the slow drift of a shared TCG host cancels out;
@@ -422,9 +459,13 @@ def phase_throughput(lab: Lab, res: dict, state: dict, reps: int, seconds: float
         order = others[r % len(others):] + others[:r % len(others)]
         for v in order:
             switch(v, True)
+            st0 = state[v].stats() if v in state else None
             try:
                 s = lab.iperf(seconds)
             finally:
+                if st0 is not None:
+                    st1 = state[v].stats()
+                    s.update({k: round(st1[k] - st0[k], 4) for k in st0})
                 switch(v, False)
             nxt = lab.iperf(seconds)
             samples[v].append(s)
@@ -446,7 +487,13 @@ def phase_throughput(lab: Lab, res: dict, state: dict, reps: int, seconds: float
         st["ratio_per_rep"] = summary(ratios[v])
         # the headline ratio: median of the per-sample ratios to the neighbouring baselines
         st["ratio"] = round(st["ratio_per_rep"]["median"], 4) if ratios[v] else None
+        if v in state:
+            st["bpf_runs_during_samples"] = sum(x.get("bpf_runs", 0) for x in samples[v])
+            st["bpf_ns_during_samples"] = sum(x.get("bpf_ns", 0) for x in samples[v])
+            st["tool_loop_cpu_s_per_s"] = round(sum(x.get("loop_cpu_s", 0) for x in samples[v])
+                                                / (seconds * len(samples[v])), 4)
         res["variants"][v] = st
+    netlab.write_sysctl("kernel.bpf_stats_enabled", 0, required=False)
 
 
 def phase_pwru(lab: Lab, res: dict, reps: int, seconds: float, pwru: str, libdir: str,

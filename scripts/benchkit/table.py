@@ -19,7 +19,7 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return "\n".join([line(headers), sep] + [line(r) for r in cells])
 
 
-LABELS = {"base": "nothing attached", "trace": "conntrace trace", "top": "conntrace top",
+LABELS = {"base": "nothing attached", "control": "nothing attached (A/A control slot)", "trace": "conntrace trace", "top": "conntrace top",
           "log_invalid": "nf_conntrack_log_invalid=6", "pwru": "pwru 'host <server>'",
           "kernel_log": "kernel log (log_invalid=6)", "bpftrace": "bpftrace one-liner"}
 
@@ -33,19 +33,21 @@ def throughput(g: dict) -> str:
                      _f(st.get("spread_pct"), "{:.1f}%"), st.get("n"), _f(st.get("ratio"), "{:.3f}"),
                      f"{_f((st.get('ratio_per_rep') or {}).get('min'), '{:.3f}')}-"
                      f"{_f((st.get('ratio_per_rep') or {}).get('max'), '{:.3f}')}",
-                     _f(st.get("ratio_of_medians"), "{:.3f}")])
+                     _f(st.get("ratio_of_medians"), "{:.3f}"),
+                     _f(st.get("bpf_runs_during_samples"), "{}"), _f(st.get("tool_loop_cpu_s_per_s"), "{:.4f}")])
     pw = (g.get("phases") or {}).get("pwru") or {}
     if pw.get("ratio") is not None:
         rows.append([LABELS["pwru"] + " (block)", _f(pw["pwru"].get("median"), "{:.0f}"),
                      f"{_f(pw['pwru'].get('min'), '{:.0f}')}-{_f(pw['pwru'].get('max'), '{:.0f}')}",
                      _f(pw["pwru"].get("spread_pct"), "{:.1f}%"), pw["pwru"].get("n"),
-                     "-", "-", _f(pw["ratio"], "{:.3f}") + " (vs the base block after it)"])
+                     "-", "-", _f(pw["ratio"], "{:.3f}") + " (vs a base block before it)", "-",
+                     _f(pw.get("cpu_seconds_during_samples", 0) / max(1, pw["pwru"].get("n", 1) * g.get("phases", {}).get("throughput", {}).get("seconds_per_sample", 3)), "{:.3f}")])
     elif pw:
-        rows.append([LABELS["pwru"], "-", "-", "-", 0, "n/a", (pw.get("error") or "")[:70], "-"])
+        rows.append([LABELS["pwru"], "-", "-", "-", 0, "n/a", (pw.get("error") or "")[:70], "-", "-", "-"])
     if not rows:
         return "(throughput phase did not run: " + str(ph.get("error")) + ")"
     return _table(["variant", "median Mbit/s", "min-max", "spread", "n", "ratio (median of paired)",
-                   "paired ratios min-max", "ratio of medians"], rows)
+                   "paired ratios min-max", "ratio of medians", "BPF runs", "tool CPU s/s"], rows)
 
 
 def capacity(g: dict) -> str:
