@@ -740,6 +740,10 @@ def measure_flood(lab: Lab, tool: Tool | None, kind: str, count: int, rate: floa
             fl["reported"] = (st1["top_packets"] or 0) - (st0["top_packets"] or 0)
             fl["lost"] = None
             fl["map_overflow"] = st1["top_overflow"]
+            # the LRU map (16 384 keys) evicts senders beyond its size: their counts leave the
+            # snapshot and are counted as overflow keys instead (1 packet per key here)
+            fl["map_overflow_delta"] = (st1["top_overflow"] or 0) - (st0["top_overflow"] or 0)
+            fl["reported_plus_evicted_keys"] = fl["reported"] + fl["map_overflow_delta"]
         elif kind == "bpftrace":
             fl["reported"] = st1["events"] - st0["events"]
             fl["lost"] = st1["bpftrace_lost"] - st0["bpftrace_lost"]

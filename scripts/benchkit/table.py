@@ -67,7 +67,9 @@ def capacity(g: dict) -> str:
                 ok = "all accounted" if fl.get("accounted") else \
                     f"{fl['injected'] - (fl.get('reported_plus_lost') or 0)} unaccounted"
             else:
-                ok = f"{100 * (fl['injected'] - fl['reported']) / fl['injected']:.1f}% missing"
+                km = fl.get("kmsg") or {}
+                ok = (f"{100 * (fl['injected'] - fl['reported']) / fl['injected']:.1f}% not logged; "
+                      f"{km.get('conntrack_readable', '?')} still readable in the kernel's ring buffer")
             rows.append([LABELS[tool], fl["rate_asked"] or "max", _f(fl.get("rate_achieved"), "{:.0f}"),
                          fl["injected"], fl["ct_invalid_delta"], fl["reported"], _f(fl.get("lost"), "{}"),
                          _f(fl.get("tool_cpu_seconds")), _f(fl.get("catch_up_seconds")), ok])
@@ -122,13 +124,19 @@ def memory(g: dict) -> str:
         att = c.get("rss_after_attach_mib") or {}
         cells = [f"conntrace {kind}", att.get("VmRSS", "-"), (c.get("mem_final_mib") or {}).get("VmHWM", "-")]
         for d in c.get("distinct") or []:
-            cells.append(f"{(d.get('mem_mib') or {}).get('VmRSS', '-')} ({d['reported']}/{d['injected']})")
+            rss = (d.get("mem_mib") or {}).get("VmRSS", "-")
+            if kind == "top":
+                ev = d.get("map_overflow_delta")
+                note = f"in map {d['reported']}" + (f", evicted keys {ev}" if ev is not None else "")
+            else:
+                note = f"shown {d['reported']}, lost {d.get('lost')}"
+            cells.append(f"{rss} ({note}; CPU {_f(d.get('tool_cpu_seconds'), '{:.1f}')} s)")
         rows.append(cells)
     if not rows:
         return "(memory not measured)"
     senders = [d["senders"] for d in (cap.get("trace") or cap.get("top") or {}).get("distinct") or []]
     return _table(["tool", "RSS after attach MiB", "peak RSS MiB (VmHWM)"] +
-                  [f"RSS after {n:,} senders MiB (reported/injected)" for n in senders], rows)
+                  [f"RSS MiB after {n:,} senders" for n in senders], rows)
 
 
 def decode(d: dict) -> str:
@@ -167,12 +175,26 @@ def targets(res: dict) -> list[tuple[str, bool | None, str]]:
         out.append(("trace: reported + lost == injected at every rate", None, "not measured"))
     for kind in ("trace", "top"):
         dist = (cap.get(kind) or {}).get("distinct") or []
-        if len(dist) >= 2:
-            a, b = (dist[0].get("mem_mib") or {}).get("VmRSS"), (dist[-1].get("mem_mib") or {}).get("VmRSS")
-            if a is not None and b is not None:
-                grow = b - a
-                out.append((f"{kind}: per-peer state bounded (RSS growth ≤ 32 MiB from 1 to "
-                            f"{dist[-1]['senders']:,} senders)", grow <= 32, f"{a} → {b} MiB"))
+        if len(dist) < 2:
+            continue
+        a, b = (dist[0].get("mem_mib") or {}).get("VmRSS"), (dist[-1].get("mem_mib") or {}).get("VmRSS")
+        if a is None or b is None:
+            continue
+        last = dist[-1]
+        name = f"{kind}: per-peer state bounded (1 → {last['senders']:,} senders)"
+        if kind == "top":
+            evicted = last.get("map_overflow_delta")
+            keys = min(last["senders"], 16384)
+            out.append((name, bool(evicted) and b - a < 128,
+                        f"RSS {a} → {b} MiB; the LRU map held ≤ 16 384 keys and evicted {evicted} "
+                        f"(≈ {1024 * (b - a) / keys:.1f} KiB of user-space memory per key held)"))
+        else:
+            shown = last.get("reported") or 0
+            verdict = None if shown < last["senders"] // 2 else b - a < 128
+            out.append((name, verdict,
+                        f"RSS {a} → {b} MiB, but only {shown:,} of {last['senders']:,} events reached user "
+                        f"space ({last.get('lost')} lost in the ring buffer): not a test of the user side"
+                        if verdict is None else f"RSS {a} → {b} MiB for {shown:,} events"))
     return out
 
 
