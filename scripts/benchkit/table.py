@@ -28,6 +28,11 @@ def throughput(g: dict) -> str:
     ph = (g.get("phases") or {}).get("throughput") or {}
     rows = []
     for v, st in (ph.get("variants") or {}).items():
+        if v == "base":
+            rows.append([LABELS[v], _f(st.get("median"), "{:.0f}"),
+                         f"{_f(st.get('min'), '{:.0f}')}-{_f(st.get('max'), '{:.0f}')}",
+                         _f(st.get("spread_pct"), "{:.1f}%"), st.get("n"), "1 (reference)", "-", "-", "-", "-"])
+            continue
         rows.append([LABELS.get(v, v), _f(st.get("median"), "{:.0f}"),
                      f"{_f(st.get('min'), '{:.0f}')}-{_f(st.get('max'), '{:.0f}')}",
                      _f(st.get("spread_pct"), "{:.1f}%"), st.get("n"), _f(st.get("ratio"), "{:.3f}"),
@@ -152,10 +157,28 @@ def targets(res: dict) -> list[tuple[str, bool | None, str]]:
     phs = g.get("phases") or {}
     out = []
     var = (phs.get("throughput") or {}).get("variants") or {}
+    ctl = var.get("control") or {}
+    ctl_ratio = ctl.get("ratio")
+    ctl_range = ctl.get("ratio_per_rep") or {}
     for k in ("trace", "top"):
-        r = (var.get(k) or {}).get("ratio")
-        out.append((f"throughput with conntrace {k} ≥ 0.99 of baseline", None if r is None else r >= 0.99,
-                    f"ratio {r}"))
+        st = var.get(k) or {}
+        r = st.get("ratio")
+        name = f"throughput with conntrace {k} ≥ 0.99 of baseline"
+        if r is None:
+            out.append((name, None, "not measured"))
+            continue
+        runs = st.get("bpf_runs_during_samples")
+        extra = f"; its BPF programs ran {runs} times during the samples" if runs is not None else ""
+        # a 1% target needs a method that resolves 1%: the A/A control slot says whether it does
+        if ctl_ratio is None:
+            out.append((name, None, f"ratio {r}, but no A/A control slot to tell noise from cost{extra}"))
+        elif abs(ctl_ratio - 1) > 0.01 or (ctl_range.get("max", 1) - ctl_range.get("min", 1)) > 0.04:
+            out.append((name, None, f"ratio {r} (paired ratios {_f((st.get('ratio_per_rep') or {}).get('min'), '{:.3f}')}"
+                                    f"-{_f((st.get('ratio_per_rep') or {}).get('max'), '{:.3f}')}), but the A/A control "
+                                    f"slot reads {ctl_ratio} ({_f(ctl_range.get('min'), '{:.3f}')}-"
+                                    f"{_f(ctl_range.get('max'), '{:.3f}')}): this machine cannot resolve 1%{extra}"))
+        else:
+            out.append((name, r >= 0.99, f"ratio {r}, A/A control {ctl_ratio}{extra}"))
     cap = phs.get("capacity") or {}
     floods = (cap.get("top") or {}).get("floods") or []
     if floods:
