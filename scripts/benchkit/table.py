@@ -132,7 +132,10 @@ def memory(g: dict) -> str:
             rss = (d.get("mem_mib") or {}).get("VmRSS", "-")
             if kind == "top":
                 ev = d.get("map_overflow_delta")
-                note = f"in map {d['reported']}" + (f", evicted keys {ev}" if ev is not None else "")
+                # once the LRU map evicts, the table's totals lose the evicted keys' packets:
+                # only the eviction count says how much is missing
+                note = (f"{ev:,} keys evicted" if ev else f"counted {d['reported']:,}") if ev is not None \
+                    else f"counted {d['reported']:,}"
             else:
                 note = f"shown {d['reported']}, lost {d.get('lost')}"
             cells.append(f"{rss} ({note}; CPU {_f(d.get('tool_cpu_seconds'), '{:.1f}')} s)")
