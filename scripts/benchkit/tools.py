@@ -67,7 +67,7 @@ def check(want_pwru: bool = True, log=print) -> dict:
     if want_pwru:
         out["pwru"] = fetch_pwru(log)
     else:
-        out["pwru"] = {"ok": False, "error": "skipped (--no-pwru)"}
+        out["pwru"] = {"ok": False, "error": "not run (pwru is not in --phases; --quick leaves it out)"}
     return out
 
 
