@@ -522,8 +522,8 @@ def top(interval, by, as_json, from_path, count, anonymize, anonymize_keep_prefi
         ordered = with_rates(groups, state["prev"], now - state["last"])
         state["prev"], state["last"] = groups, now
         seen_ns = sorted({r.netns for r in rows} | ({own} if own else set()))
-        knobs = _merge_probe_knobs(_knobs_for(seen_ns, knob_cache, nsmap), probe)
-        inv_delta = stats.delta(seen_ns)
+        inv_delta = stats.delta(seen_ns)        # also refreshes stats.nsmap for new namespaces
+        knobs = _merge_probe_knobs(_knobs_for(seen_ns, knob_cache, stats.nsmap), probe)
         lost, overflow = probe.lost_events(), probe.aggregate_overflow()
         state["n"] += 1
         if as_json:
@@ -591,7 +591,13 @@ class StatTracker:
     def _read(self, ino):
         if ino not in self.nsmap:
             self.nsmap = sysctl.netns_map()     # created since we started: find a way in
-        return sysctl.read_conntrack_stat_of(ino, self.nsmap)
+        cur = sysctl.read_conntrack_stat_of(ino, self.nsmap)
+        if cur is None:
+            # The map may be stale: a namespace was deleted and its inode number reused by a
+            # new one (the kernel recycles them quickly), so the old name leads nowhere.
+            self.nsmap = sysctl.netns_map()
+            cur = sysctl.read_conntrack_stat_of(ino, self.nsmap)
+        return cur
 
     def delta(self, inodes) -> Optional[int]:
         total, known = 0, False
@@ -746,6 +752,7 @@ def _live_capture(command, duration, max_events, quiet=False) -> Capture:
                 pass
             probe.close()
     end = time.time()
+    stats.nsmap = sysctl.netns_map()      # names as they are now: namespaces come and go
     involved = sorted({r.netns for r in rows} | {e.netns for e in budget.kept}
                       | ({own} if own else set()))
     stat_delta = {}

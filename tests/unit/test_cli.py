@@ -532,3 +532,15 @@ def test_duration_counts_from_attach_not_from_the_compile(fake, monkeypatch, tmp
     result = run(*args)
     assert result.exit_code == 0, result.output
     assert 9 <= FakeProbe.instances[0].polls <= 11
+
+
+def test_stat_tracker_follows_a_reused_namespace_inode(monkeypatch):
+    """The kernel recycles netns inode numbers: a name cached for an inode can go stale."""
+    old_map = {77: {"names": ["gone"], "pids": []}}
+    new_map = {77: {"names": ["fresh"], "pids": []}}
+    monkeypatch.setattr(cli_mod.sysctl, "netns_map", lambda: new_map)
+    monkeypatch.setattr(cli_mod.sysctl, "read_conntrack_stat_of",
+                        lambda ino, nsmap: {"invalid": 5} if nsmap[ino]["names"] == ["fresh"] else None)
+    stats = cli_mod.StatTracker(old_map, own=1)
+    assert stats._read(77) == {"invalid": 5}
+    assert stats.nsmap is new_map
