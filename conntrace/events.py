@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from dataclasses import dataclass, field, asdict, fields
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 SCHEMA_VERSION = 1
@@ -101,6 +101,11 @@ class Tuple:
     dport: int = 0
 
 
+def _plain(value):
+    """A WindowSide/Tuple (or an already plain dict) as a new dict."""
+    return dict(value) if isinstance(value, dict) else dict(value.__dict__)
+
+
 @dataclass
 class Event:
     time: float                 # wall-clock seconds since the epoch
@@ -141,7 +146,13 @@ class Event:
         return self.reason in WINDOW_REASONS
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        # Hand-written rather than dataclasses.asdict (a deep, generic copy): this runs once
+        # per event on the NDJSON path, where asdict was two thirds of the cost.
+        d = dict(self.__dict__)
+        d["ct_status"] = list(self.ct_status)
+        d["orig"] = _plain(self.orig)
+        d["reply"] = _plain(self.reply)
+        d["seen"] = [_plain(side) for side in self.seen]
         d["schema"] = SCHEMA_VERSION
         d["type"] = RECORD_EVENT
         return d

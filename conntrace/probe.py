@@ -248,6 +248,7 @@ class Probe:
         self._knobs: dict[int, dict] = {}
         self._clock_offset = 0.0
         self.decode_errors = 0
+        self._interrupted = False
 
     # -- lifecycle
     def cflags(self) -> list[str]:
@@ -341,19 +342,25 @@ class Probe:
     # -- events
     def _on_event(self, _ctx, data, size) -> None:
         try:
-            raw = ctypes.string_at(data, min(size, EVENT_SIZE))
-            rec = parse_record(raw)
-            ev = decode_record(rec, self._clock_offset)
-        except Exception:
-            self.decode_errors += 1
-            return
-        knobs = record_knobs(rec)
-        if knobs is not None:
-            self._knobs[rec.netns] = knobs
-        self._pending.append(ev)
+            try:
+                raw = ctypes.string_at(data, min(size, EVENT_SIZE))
+                rec = parse_record(raw)
+                ev = decode_record(rec, self._clock_offset)
+            except Exception:
+                self.decode_errors += 1
+                return
+            knobs = record_knobs(rec)
+            if knobs is not None:
+                self._knobs[rec.netns] = knobs
+            self._pending.append(ev)
+        except KeyboardInterrupt:
+            # Ctrl-C (or SIGTERM, which the CLI turns into it) landed inside this ctypes
+            # callback, where ctypes would print and swallow it: carry it out of poll().
+            self._interrupted = True
 
     def poll(self, timeout_ms: int = 100) -> list[Event]:
-        """Events decoded since the last poll (waits up to timeout_ms for the first)."""
+        """Events decoded since the last poll (waits up to timeout_ms for the first).
+        Raises KeyboardInterrupt if one arrived while events were being decoded."""
         if self._bpf is None:
             raise ProbeError("probe not started")
         if self.events:
@@ -361,6 +368,10 @@ class Probe:
         else:
             time.sleep(timeout_ms / 1000)
         out, self._pending = self._pending, []
+        if self._interrupted:
+            self._interrupted = False
+            self._pending = out          # not lost: a caller that goes on gets them next
+            raise KeyboardInterrupt
         return out
 
     def lost_events(self) -> int:

@@ -41,14 +41,24 @@ class EventBudget:
         self.omitted: dict = {}     # (netns, peer, reason, verdict) -> [count, bytes, first, last]
         self.total = 0
 
+    # Memory stays bounded under a flood from many senders: samples are taken for at most
+    # MAX_SAMPLE_KEYS (peer, reason) pairs, and left-out counts are kept per peer for at most
+    # MAX_OMITTED_KEYS peers; beyond that they are counted under the peer "?".
+    MAX_SAMPLE_KEYS = 5000
+    MAX_OMITTED_KEYS = 20000
+
     def add(self, ev: Event) -> bool:
         self.total += 1
         key = (ev.saddr, ev.reason)
-        if len(self.kept) < self.max_events or self.per_key_kept[key] < self.per_key:
+        if len(self.kept) < self.max_events or (
+                self.per_key_kept[key] < self.per_key
+                and (key in self.per_key_kept or len(self.per_key_kept) < self.MAX_SAMPLE_KEYS)):
             self.kept.append(ev)
             self.per_key_kept[key] += 1
             return True
         k = (ev.netns, ev.saddr, ev.reason, ev.verdict)
+        if k not in self.omitted and len(self.omitted) >= self.MAX_OMITTED_KEYS:
+            k = (ev.netns, "?", ev.reason, ev.verdict)
         m = self.omitted.setdefault(k, [0, 0, ev.time, ev.time])
         m[0] += 1
         m[1] += ev.payload

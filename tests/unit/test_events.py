@@ -113,3 +113,16 @@ def test_every_reason_roundtrips():
 def test_peer_is_the_sender():
     ev = make_event()
     assert ev.peer == ev.saddr and ev.is_window_reason
+
+
+def test_to_dict_is_the_full_deep_record_and_shares_nothing():
+    from dataclasses import asdict
+    from event_factory import make_event
+    ev = make_event()
+    d = ev.to_dict()
+    expected = asdict(ev)
+    expected.update(schema=1, type="event")
+    assert d == expected
+    d["seen"][0]["td_end"] = -1
+    d["orig"]["src"] = "x"
+    assert ev.to_dict() == expected        # the Event is untouched

@@ -105,3 +105,15 @@ def test_omitted_records_keep_their_times(tmp_path):
     rep = build_report(capture_from_recording(read_recording(str(tmp_path / "t" / "events.ndjson"))))
     (row,) = rep["peers"]
     assert (row["packets"], row["first_seen"], row["last_seen"]) == (3, 100.0, 102.0)
+
+
+def test_event_budget_stays_bounded_with_many_distinct_senders():
+    from conntrace.report import EventBudget
+    from event_factory import make_event
+    budget = EventBudget(max_events=100, per_key=3)
+    budget.MAX_SAMPLE_KEYS, budget.MAX_OMITTED_KEYS = 50, 200
+    for i in range(5000):
+        budget.add(make_event(saddr=f"198.18.{i // 256}.{i % 256}"))
+    assert len(budget.kept) <= 100 + 50 * 3
+    assert len(budget.omitted) <= 201
+    assert len(budget.kept) + budget.omitted_count == 5000      # every event still counted
