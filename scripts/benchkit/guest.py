@@ -40,6 +40,7 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(CHECKOUT))
 
 from tests.lab import netlab  # noqa: E402
+from tests.lab.flood import paced_send  # noqa: E402
 from tests.lab.packets import ACK, FIN, PSH, SYN, Segment, internet_checksum  # noqa: E402
 from tests.lab.scenarios import (ADDRS, CLIENT_MAC, SERVER_MAC, build_topology,  # noqa: E402
                                  open_connection)
@@ -225,17 +226,7 @@ class Lab:
 
     def inject(self, frames, rate: float) -> float:
         """Send frames, at most `rate` per second (0: flat out); seconds taken."""
-        sock = self.topo.injector
-        t0 = time.monotonic()
-        batch = 128
-        for i in range(0, len(frames), batch):
-            for f in frames[i:i + batch]:
-                sock.send(f)
-            if rate > 0:
-                ahead = (i + batch) / rate - (time.monotonic() - t0)
-                if ahead > 0:
-                    time.sleep(ahead)
-        return time.monotonic() - t0
+        return paced_send(self.topo.injector, frames, rate)
 
     def flood(self, count: int, rate: float, frames=None) -> dict:
         frames = frames if frames is not None else [self.flood_frame] * count

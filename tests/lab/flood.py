@@ -33,7 +33,7 @@ PEER_ADDRS = ["10.213.0.101", "10.213.0.102", "10.213.0.103", "10.213.0.104", "1
 DISTINCT_NET = ipaddress.ip_network("198.18.0.0/15")
 
 
-def _paced_send(sock, frames_in_order, rate: float) -> float:
+def paced_send(sock, frames_in_order, rate: float) -> float:
     """Send every frame, at most `rate` per second (0: as fast as possible); returns seconds."""
     t0 = time.monotonic()
     batch = 256
@@ -87,7 +87,7 @@ def run_peers(counts: list[int], rate: float, wait_for: str | None) -> dict:
         waited = wait_for_file(wait_for, 600) if wait_for else 0.0
         order = [frames[k] for k in interleave(counts)]
         before, drops_before = netlab.read_ct_stats(topo.server_ns), topo.counter.packets()
-        seconds = _paced_send(topo.injector, order, rate)
+        seconds = paced_send(topo.injector, order, rate)
         time.sleep(0.5)
         after, drops_after = netlab.read_ct_stats(topo.server_ns), topo.counter.packets()
         for conn in conns:
@@ -114,7 +114,7 @@ def run_distinct(senders: int, rate: float, wait_for: str | None) -> dict:
             frames.append(seg.frame(SERVER_MAC, CLIENT_MAC))
         waited = wait_for_file(wait_for, 600) if wait_for else 0.0
         before, drops_before = netlab.read_ct_stats(topo.server_ns), topo.counter.packets()
-        seconds = _paced_send(topo.injector, frames, rate)
+        seconds = paced_send(topo.injector, frames, rate)
         time.sleep(0.5)
         after, drops_after = netlab.read_ct_stats(topo.server_ns), topo.counter.packets()
         netns_inode = _netns_inode(topo.server_ns)
