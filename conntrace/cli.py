@@ -509,7 +509,7 @@ def top(interval, by, as_json, from_path, count, anonymize, anonymize_keep_prefi
     knob_cache: dict = {}
     stats = StatTracker(nsmap, own)
     probe = mod.Probe(plan, aggregate=True, events=False)
-    stats.delta([own] if own else [])      # baseline, so the first refresh shows a delta
+    stats.scan()                           # baselines, so the first refresh shows a delta
     state = {"prev": None, "last": time.time(), "n": 0}
 
     def refresh() -> None:
@@ -575,51 +575,79 @@ def _anon_row(anon, row):
 
 
 class StatTracker:
-    """conntrack's own invalid counter, summed over CPUs and over the namespaces seen.
+    """conntrack's own invalid counter (summed over CPUs), per network namespace.
 
-    A namespace that did not exist when we started (a container or test netns created
-    since) starts from zero: every invalid it counted happened while we watched. One that
-    existed starts from its value when first seen, since its earlier history is not ours.
+    Namespaces are told apart by inode *and* name (or lowest pid): the kernel recycles
+    netns inode numbers quickly, so a namespace deleted during a capture and a new one
+    created after it can share an inode.  The first scan takes every namespace's counters
+    as its baseline; a namespace that shows up later (created since, or an inode recycled
+    for a new one) starts from zero: everything it counted happened while we watched.
     """
 
     def __init__(self, nsmap, own):
         self.nsmap, self.own = nsmap, own
-        self.existing_at_start = set(nsmap)
-        self.prev: dict = {}
-        self.first: dict = {}       # baseline per namespace, for the total since start
+        self.first: dict = {}       # identity -> counters at its baseline
+        self.prev: dict = {}        # identity -> counters at the last read
+        self.scanned = False
+
+    def _ident(self, ino):
+        if ino == self.own:
+            return (ino, "self")
+        entry = self.nsmap.get(ino) or {}
+        if entry.get("names"):
+            return (ino, tuple(entry["names"]))
+        if entry.get("pids"):
+            return (ino, min(entry["pids"]))
+        return (ino, None)
 
     def _read(self, ino):
-        if ino not in self.nsmap:
-            self.nsmap = sysctl.netns_map()     # created since we started: find a way in
-        cur = sysctl.read_conntrack_stat_of(ino, self.nsmap)
-        if cur is None:
-            # The map may be stale: a namespace was deleted and its inode number reused by a
-            # new one (the kernel recycles them quickly), so the old name leads nowhere.
-            self.nsmap = sysctl.netns_map()
-            cur = sysctl.read_conntrack_stat_of(ino, self.nsmap)
-        return cur
+        return sysctl.read_conntrack_stat_of(ino, self.nsmap)
 
-    def delta(self, inodes) -> Optional[int]:
-        total, known = 0, False
-        for ino in inodes:
+    def scan(self) -> None:
+        """Note every namespace visible now (see the class docstring for baselines)."""
+        self.nsmap = sysctl.netns_map()
+        for ino in list(self.nsmap) + ([self.own] if self.own else []):
+            ident = self._ident(ino)
+            if ident in self.first:
+                continue
             cur = self._read(ino)
             if cur is None:
+                continue        # conntrack not loaded there (yet): a later scan starts it at zero
+            base = cur if not self.scanned else {k: 0 for k in cur}
+            self.first[ident] = self.prev[ident] = base
+        self.scanned = True
+
+    def delta(self, inodes) -> Optional[int]:
+        """Invalid count since the previous call, summed over these namespaces."""
+        self.scan()
+        total, known = 0, False
+        for ino in inodes:
+            ident = self._ident(ino)
+            cur = self._read(ino)
+            if cur is None or ident not in self.prev:
                 continue
-            before = self.prev.get(ino)
-            if before is None and ino not in self.existing_at_start:
-                before = {k: 0 for k in cur}
-            self.prev[ino] = cur
-            self.first.setdefault(ino, before if before is not None else cur)
-            if before is not None:
-                total += cur.get("invalid", 0) - before.get("invalid", 0)
-                known = True
+            total += cur.get("invalid", 0) - self.prev[ident].get("invalid", 0)
+            self.prev[ident] = cur
+            known = True
         return total if known else None
 
     def since_start(self) -> Optional[int]:
         if not self.first:
             return None
-        return sum(self.prev[i].get("invalid", 0) - self.first[i].get("invalid", 0)
-                   for i in self.first)
+        return sum(self.prev[i].get("invalid", 0) - self.first[i].get("invalid", 0) for i in self.prev)
+
+    def capture_delta(self, inodes) -> dict:
+        """Every counter's change since each namespace's baseline, summed over `inodes`."""
+        self.scan()
+        out: dict = {}
+        for ino in inodes:
+            ident = self._ident(ino)
+            cur = self._read(ino)
+            if cur is None or ident not in self.first:
+                continue
+            for k, v in (sysctl.stat_delta(self.first[ident], cur) or {}).items():
+                out[k] = out.get(k, 0) + v
+        return out
 
 
 def _top_replay(path, by, as_json, anon):
@@ -728,20 +756,23 @@ def _live_capture(command, duration, max_events, quiet=False) -> Capture:
     budget = EventBudget(max_events)
     probe = mod.Probe(plan, aggregate=True, events=True)
     start = time.time()
-    stat_before = {}
     rows = []
     lost = 0
     with stop_on_signals():
         try:
             probe.start()
             start = time.time()     # the capture lasts `duration` from attach, not from the compile
-            stat_before = {ino: stats._read(ino) for ino in nsmap}
+            stats.scan()            # every namespace's counters as they are now
+            scanned = start
             if not quiet:
                 click.echo(f"Capturing for {duration:g} s (rung {plan.rung})... Ctrl-C ends "
                            "early and still writes.", err=True)
             while time.time() - start < duration:
                 for ev in probe.poll(timeout_ms=100):
                     budget.add(ev)
+                if time.time() - scanned >= 1.0:
+                    stats.scan()    # namespaces created meanwhile start from zero
+                    scanned = time.time()
         except KeyboardInterrupt:
             pass
         finally:
@@ -752,18 +783,9 @@ def _live_capture(command, duration, max_events, quiet=False) -> Capture:
                 pass
             probe.close()
     end = time.time()
-    stats.nsmap = sysctl.netns_map()      # names as they are now: namespaces come and go
     involved = sorted({r.netns for r in rows} | {e.netns for e in budget.kept}
                       | ({own} if own else set()))
-    stat_delta = {}
-    for ino in involved:
-        after = stats._read(ino)          # also maps namespaces created during the capture
-        before = stat_before.get(ino)
-        if before is None and after is not None and ino not in stats.existing_at_start:
-            before = {k: 0 for k in after}  # born during the capture: all of it is ours
-        d = sysctl.stat_delta(before, after)
-        for k, v in (d or {}).items():
-            stat_delta[k] = stat_delta.get(k, 0) + v
+    stat_delta = stats.capture_delta(involved)   # rescans: names as they are now
     nsmap = stats.nsmap
     refs = {ino: (None if ino == own else sysctl.ref_for_inode(ino, nsmap)) for ino in involved}
     refs = {k: v for k, v in refs.items() if k == own or v is not None}

@@ -8,6 +8,9 @@
 # sender, the reason (SACK_OVER) and the remedy.  Then be_liberal=1 lets it complete.
 cd "$(dirname "$0")/.." || exit 1
 err=/tmp/conntrace-top.err
+# conntrace attaches to nf_conntrack's functions, so the module must be there first
+# (on a real firewall it is: its ruleset uses conntrack).
+modprobe nf_conntrack || exit 1
 echo "== conntrace top: compiling and attaching its BPF program (about a minute under emulation)"
 python3 -m conntrace top --interval 4 2> "$err" &
 top=$!

@@ -534,13 +534,20 @@ def test_duration_counts_from_attach_not_from_the_compile(fake, monkeypatch, tmp
     assert 9 <= FakeProbe.instances[0].polls <= 11
 
 
-def test_stat_tracker_follows_a_reused_namespace_inode(monkeypatch):
-    """The kernel recycles netns inode numbers: a name cached for an inode can go stale."""
-    old_map = {77: {"names": ["gone"], "pids": []}}
-    new_map = {77: {"names": ["fresh"], "pids": []}}
-    monkeypatch.setattr(cli_mod.sysctl, "netns_map", lambda: new_map)
+def test_stat_tracker_tells_a_recycled_namespace_inode_apart(monkeypatch):
+    """The kernel recycles netns inode numbers: a namespace deleted during a capture and a new
+    one with the same inode must not share a baseline."""
+    world = {"map": {77: {"names": ["old"], "pids": []}},
+             "stat": {"old": {"invalid": 500}, "new": {"invalid": 0}}}
+    monkeypatch.setattr(cli_mod.sysctl, "netns_map", lambda: world["map"])
     monkeypatch.setattr(cli_mod.sysctl, "read_conntrack_stat_of",
-                        lambda ino, nsmap: {"invalid": 5} if nsmap[ino]["names"] == ["fresh"] else None)
-    stats = cli_mod.StatTracker(old_map, own=1)
-    assert stats._read(77) == {"invalid": 5}
-    assert stats.nsmap is new_map
+                        lambda ino, nsmap: dict(world["stat"][nsmap[ino]["names"][0]]))
+    stats = cli_mod.StatTracker(world["map"], own=None)
+    stats.scan()                                   # "old" existed before: baseline 500
+    world["stat"]["old"]["invalid"] = 520
+    assert stats.delta([77]) == 20
+    # "old" is deleted; "new" gets inode 77 and counts 7 invalids while we watch
+    world["map"] = {77: {"names": ["new"], "pids": []}}
+    world["stat"]["new"]["invalid"] = 7
+    assert stats.capture_delta([77])["invalid"] == 7
+    assert stats.since_start() == 20
