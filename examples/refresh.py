@@ -19,12 +19,17 @@ SHOWN = "middlebox.ndjson" if len(sys.argv) == 1 else os.path.basename(REC)
 ENV = dict(os.environ, TZ="UTC", COLUMNS="100", PYTHONPATH=ROOT)
 
 
-def run(args, head=None, tail=None, skip=None):
+LAB_REC = os.path.join(ROOT, "tests", "fixtures", "lab-6.1-variadic-scenarios.ndjson")
+
+
+def run(args, head=None, tail=None, skip=None, rec=None):
     """Output of `conntrace ARGS` with the recording's path shortened, optionally cut."""
-    argv = [sys.executable, "-m", "conntrace"] + [REC if a == "REC" else a for a in args]
+    rec = rec or REC
+    shown_rec = SHOWN if rec == REC else os.path.basename(rec)
+    argv = [sys.executable, "-m", "conntrace"] + [rec if a == "REC" else a for a in args]
     p = subprocess.run(argv, capture_output=True, text=True, env=ENV, cwd=ROOT)
-    out = (p.stderr + p.stdout).replace(REC, SHOWN).rstrip("\n").splitlines()
-    shown = "# conntrace " + " ".join(SHOWN if a == "REC" else a for a in args)
+    out = (p.stderr + p.stdout).replace(rec, shown_rec).rstrip("\n").splitlines()
+    shown = "# conntrace " + " ".join(shown_rec if a == "REC" else a for a in args)
     if head is not None and tail is not None and len(out) > head + tail:
         out = out[:head] + ["[...]"] + out[-tail:]
     elif head is not None and len(out) > head:
@@ -76,6 +81,14 @@ def trace_example():
         "summary record with the totals and the advice. --write FILE records the same NDJSON",
         "(plus a leading meta record with host facts and sysctls) while the table is shown:", "",
         run(["trace", "--from", "REC", "--json", "--count", "1"], head=1), "",
+        "", "On a real kernel: this recording (tests/fixtures/lab-6.1-variadic-scenarios.ndjson) is",
+        "`conntrace trace --write` in the lab on Debian's 6.1.176 (variadic ABI) while",
+        "tests/lab/scenarios.py produced every reason, first with be_liberal=0, then =1 (window",
+        "reasons become `liberal`: accepted only because of be_liberal; on this ABI conntrace",
+        "still sees them), then the window reasons over IPv6. Each line matched the kernel's own",
+        "nf_ct_proto_6 log line (reason, verdict, bound). The OVERSHOT scenario's connection",
+        "teardown adds the ACK_UNDER/SEQ_UNDER lines after it: real kernel behaviour.", "",
+        run(["trace", "--from", "REC"], head=45, rec=LAB_REC), "",
         "A recorded file replays anywhere: `conntrace trace --from FILE`, `conntrace top --from",
         "FILE`, `conntrace report --from FILE`. Add --anonymize to replace every address by a",
         "consistent pseudonym before sharing.", "",
