@@ -8,11 +8,13 @@
 # sender, the reason (SACK_OVER) and the remedy.  Then be_liberal=1 lets it complete.
 cd "$(dirname "$0")/.." || exit 1
 err=/tmp/conntrace-top.err
+out=/tmp/conntrace-top.out
 # conntrace attaches to nf_conntrack's functions, so the module must be there first
 # (on a real firewall it is: its ruleset uses conntrack).
 modprobe nf_conntrack || exit 1
 echo "== conntrace top: compiling and attaching its BPF program (about a minute under emulation)"
-python3 -m conntrace top --interval 4 2> "$err" &
+# Into a file, not the guest's serial console: that is a terminal, and top would redraw in place.
+python3 -m conntrace top --interval 5 > "$out" 2> "$err" &
 top=$!
 until grep -q "Hit Ctrl-C" "$err" 2>/dev/null; do
     if ! kill -0 "$top" 2>/dev/null; then cat "$err"; exit 1; fi
@@ -21,6 +23,8 @@ done
 cat "$err"
 echo "== the middlebox story: be_liberal=0, then be_liberal=1"
 python3 -m tests.lab.middlebox run --liberal both --size 3 --out /tmp/middlebox.json | grep "transfer time"
-sleep 5
 kill -INT "$top"
 wait "$top"
+echo "== conntrace top, its last refresh (after Ctrl-C):"
+# Print from the last header line on: each refresh starts with "HH:MM:SS  conntrace top".
+awk '/conntrace top  rung:/ { block = "" } { block = block $0 "\n" } END { printf "%s", block }' "$out"
