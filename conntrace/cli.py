@@ -87,19 +87,24 @@ def require_root(command: str):
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """SIGTERM behaves like Ctrl-C: the command's finally blocks detach the probe."""
+    """SIGTERM and SIGINT stop the command: its finally blocks detach the probe.
+
+    SIGINT is handled even when it was ignored at start: a shell starts `conntrace top &`
+    with SIGINT ignored, and `kill -INT` must still stop it cleanly."""
     def handler(signum, frame):
         raise KeyboardInterrupt
-    old = signal.getsignal(signal.SIGTERM)
-    try:
-        signal.signal(signal.SIGTERM, handler)
-    except ValueError:      # not the main thread (tests): Ctrl-C handling still applies
-        old = None
+    saved = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            saved[sig] = signal.getsignal(sig)
+            signal.signal(sig, handler)
+        except ValueError:  # not the main thread (tests): Ctrl-C handling still applies
+            saved.pop(sig, None)
     try:
         yield
     finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+        for sig, old in saved.items():
+            signal.signal(sig, old)
 
 
 def make_anonymizer(anonymize: bool, keep_prefix: Optional[int]) -> Optional[Anonymizer]:

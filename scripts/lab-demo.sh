@@ -23,7 +23,7 @@ done
 cat "$err"
 echo "== the middlebox story: be_liberal=0, then be_liberal=1"
 python3 -m tests.lab.middlebox run --liberal both --size 3 --out /tmp/middlebox.json | grep "transfer time"
-kill -INT "$top"
+kill -TERM "$top"      # like Ctrl-C: detach, last refresh
 wait "$top"
 echo "== conntrace top, its last refresh (after Ctrl-C):"
 # Print from the last header line on: each refresh starts with "HH:MM:SS  conntrace top".

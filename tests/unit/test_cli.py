@@ -551,3 +551,18 @@ def test_stat_tracker_tells_a_recycled_namespace_inode_apart(monkeypatch):
     world["stat"]["new"]["invalid"] = 7
     assert stats.capture_delta([77])["invalid"] == 7
     assert stats.since_start() == 20
+
+
+def test_sigint_stops_even_when_the_shell_started_us_with_it_ignored():
+    """`conntrace top &` in a script starts with SIGINT ignored; kill -INT must still work."""
+    import signal as sig
+    before = sig.signal(sig.SIGINT, sig.SIG_IGN)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with cli_mod.stop_on_signals():
+                os.kill(os.getpid(), sig.SIGINT)
+                for _ in range(1000):      # the handler runs between bytecodes
+                    pass
+        assert sig.getsignal(sig.SIGINT) == sig.SIG_IGN    # restored afterwards
+    finally:
+        sig.signal(sig.SIGINT, before)
