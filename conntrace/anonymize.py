@@ -91,24 +91,19 @@ class Anonymizer:
         if not text:
             return text
 
-        def v6(m):
-            s = m.group(0)
-            try:
-                ipaddress.IPv6Address(s)
-            except ValueError:
-                return s
-            return self.address(s)
+        def replacer(kind):
+            # The regexes over-match (e.g. "12:34" or "1.2.3.999"): only real addresses change.
+            def repl(m):
+                s = m.group(0)
+                try:
+                    kind(s)
+                except ValueError:
+                    return s
+                return self.address(s)
+            return repl
 
-        def v4(m):
-            s = m.group(0)
-            try:
-                ipaddress.IPv4Address(s)
-            except ValueError:
-                return s
-            return self.address(s)
-
-        text = _V6_RE.sub(v6, text)
-        return _V4_RE.sub(v4, text)
+        text = _V6_RE.sub(replacer(ipaddress.IPv6Address), text)
+        return _V4_RE.sub(replacer(ipaddress.IPv4Address), text)
 
     # -- whole records --
     def value(self, v):
