@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+from collections import Counter
+from dataclasses import replace
 import json
 import os
 import shutil
@@ -158,6 +160,25 @@ class EventFilter:
                 return False
         return True
 
+    def matches_row(self, row) -> bool:
+        """The same filters on an in-kernel counter (no ports: --port is applied in-kernel)."""
+        if self.netns is not None and row.netns != self.netns:
+            return False
+        if self.reasons and row.reason not in self.reasons:
+            return False
+        if self.verdicts and row.verdict not in self.verdicts:
+            return False
+        if self.peers:
+            addrs = []
+            for text in (row.peer, (row.local or "").rsplit(":", 1)[0].strip("[]")):
+                try:
+                    addrs.append(ipaddress.ip_address(text))
+                except ValueError:
+                    pass
+            if not any(a in net for a in addrs for net in self.peers if a.version == net.version):
+                return False
+        return True
+
 
 def read_replay(path: str):
     rec = read_recording(path)
@@ -284,9 +305,12 @@ def _apply_options(options):
               help="Stop after S seconds.")
 @click.option("--from", "from_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Replay a recording instead of tracing (no BPF, no root).")
+@click.option("--backlog", type=click.IntRange(min=1), default=65536, show_default=True,
+              metavar="EVENTS", help="Events copied from the kernel that may wait to be shown "
+              "(about 0.5 KiB each); a burst beyond it is counted as lost.")
 @_apply_options(_anon_options)
 def trace(as_json, write_path, peers, port, netns, reasons, verdicts, count, duration, from_path,
-          anonymize, anonymize_keep_prefix):
+          backlog, anonymize, anonymize_keep_prefix):
     """One line per TCP segment conntrack rejects or ignores, reason first."""
     anon = make_anonymizer(anonymize, anonymize_keep_prefix)
     keep = EventFilter(peers, port, netns, reasons, verdicts)
@@ -316,7 +340,11 @@ def trace(as_json, write_path, peers, port, netns, reasons, verdicts, count, dur
                         "reason": list(reasons), "verdict": list(verdicts)}}
     session.open_writer(write_path, meta)
     started = time.time()
-    probe = mod.Probe(plan, aggregate=False, events=True, filters=_probe_filters(mod, netns, port))
+    # The in-kernel counters run beside the events: when a flood overruns user space, the
+    # footer and the advice still give the kernel's exact totals.
+    probe = mod.Probe(plan, aggregate=True, events=True, backlog=backlog,
+                      filters=_probe_filters(mod, netns, port))
+    kernel_rows = None
     with stop_on_signals():
         try:
             probe.start()
@@ -337,7 +365,11 @@ def trace(as_json, write_path, peers, port, netns, reasons, verdicts, count, dur
             pass
         finally:
             try:
+                if not session.count_reached():
+                    probe.discard_backlog()       # copied, never shown: say so
                 session.note_lost(probe.lost_events())
+                kernel_rows = [r for r in from_probe_rows(probe.read_aggregates())
+                               if keep.matches_row(r)]
             except Exception:
                 pass
             knobs = _merge_probe_knobs({}, probe)     # read before close: the maps go with it
@@ -347,7 +379,7 @@ def trace(as_json, write_path, peers, port, netns, reasons, verdicts, count, dur
         knobs[ino] = {**knobs.get(ino, {}), **{n: v for n, v in k.items() if v is not None}}
     sysctls = {str(k): v for k, v in knobs.items() if k in involved}
     session.finish(time.time() - started, meta={**meta, "sysctls": sysctls},
-                   summary={"sysctls": sysctls})
+                   summary={"sysctls": sysctls}, kernel_rows=kernel_rows)
 
 
 class TraceSession:
@@ -391,6 +423,9 @@ class TraceSession:
                 click.echo(render.trace_header())
                 self.header_done = True
             click.echo(render.trace_line(ev))
+        return self.count_reached()
+
+    def count_reached(self) -> bool:
         return self.count is not None and self.shown >= self.count
 
     def note_lost(self, cumulative: int):
@@ -407,20 +442,34 @@ class TraceSession:
         else:
             click.echo(render.lost_line(new, cumulative))
 
-    def finish(self, seconds: float, meta: Optional[dict] = None, summary: Optional[dict] = None):
+    def finish(self, seconds: float, meta: Optional[dict] = None, summary: Optional[dict] = None,
+               kernel_rows=None):
+        """Footer, summary record and advice.  kernel_rows: the in-kernel counters (live
+        runs), which also count the events that never reached us."""
         meta = meta or {}
         summary = summary or {}
         sysctls = dict(meta.get("sysctls") or {})
         sysctls.update(summary.get("sysctls") or {})
+        unseen, counted = [], summary.get("counted")
+        if kernel_rows is not None:
+            if self.anon is not None:
+                kernel_rows = [replace(r, peer=self.anon.address(r.peer)) for r in kernel_rows]
+            unseen = _unseen(kernel_rows, self.budget)
+            counted = sum(r.packets for r in kernel_rows)
         inp = AdviceInput(events=self.budget.kept,
-                          rows=rows_from_events(self.budget.kept, self.budget.omitted_records()),
+                          rows=rows_from_events(self.budget.kept,
+                                                self.budget.omitted_records() + unseen),
                           sysctls=sysctls, netns_names=meta.get("netns_names") or {},
                           own_netns=meta.get("own_netns"),
                           kernel=(meta.get("host") or {}).get("kernel"))
         advice = run_rules(inp)
         totals = {"events": self.shown, "filtered": self.filtered, "lost": self.lost,
                   "duration": round(seconds, 3), "ended": summary.get("ended") or time.time()}
+        if counted is not None:
+            totals["counted"] = counted
         if self.writer:
+            for om in unseen:      # a replay of the file then has the kernel's totals too
+                self.writer.omitted(om["netns"], om["peer"], om["reason"], om["verdict"], om["count"])
             self.writer.summary(**totals, sysctls=sysctls)
             self.writer.close()
         if self.as_json:
@@ -431,6 +480,11 @@ class TraceSession:
         if not self.header_done:
             click.echo(render.trace_header())
         click.echo(render.trace_footer(self.shown, self.filtered, self.lost, seconds))
+        if unseen or (counted is not None and counted != self.shown):
+            by_reason = Counter()
+            for r in kernel_rows or ():
+                by_reason[r.reason] += r.packets
+            click.echo(render.kernel_counted_line(counted, by_reason))
         if self.shown:
             click.echo(render.trace_legend())
         if self.anon:
@@ -783,6 +837,7 @@ def _live_capture(command, duration, max_events, quiet=False) -> Capture:
         finally:
             try:
                 rows = from_probe_rows(probe.read_aggregates())
+                probe.discard_backlog()     # not decoded: the kernel's rows still count them
                 lost = probe.lost_events()
             except Exception:
                 pass

@@ -114,7 +114,7 @@ def _check_summary(d: dict) -> dict:
     for key in ("ended", "duration"):
         if key in d:
             _need(_is_num(d[key]) and d[key] >= 0, key, "a non-negative number", d[key])
-    for key in ("lost", "events", "omitted", "filtered"):
+    for key in ("lost", "events", "omitted", "filtered", "counted"):
         if key in d:
             _need(_is_int(d[key]) and d[key] >= 0, key, "a non-negative integer", d[key])
     _check_sysctls(d)

@@ -7,10 +7,13 @@ Interface (the front end codes against exactly this):
     /sys/kernel/btf/nf_conntrack), never from ``uname -r``.  Raises ProbeError
     (one line) when conntrack is not loaded or the kernel cannot run kprobes.
 
-``Probe(plan=None, *, aggregate=False, events=True, ringbuf_pages=256, filters=None)``
+``Probe(plan=None, *, aggregate=False, events=True, ringbuf_pages=256, backlog=65536, filters=None)``
     ``start()`` compiles bpf/conntrace.bpf.c once and attaches; ``poll(timeout_ms)``
-    returns the Events decoded since the last poll; ``lost_events()`` counts events
-    dropped between kernel and user space (ring buffer full), cumulative;
+    returns the Events decoded since the last poll (the ring buffer is drained into a
+    backlog of raw records at once, decoding follows at Python speed); ``backlog_len()``
+    says how many wait; ``discard_backlog()`` drops them as lost (at exit);
+    ``lost_events()`` counts events dropped between kernel and user space (ring buffer
+    full, backlog full, discarded), cumulative;
     ``read_aggregates()`` returns AggregateRow (aggregate=True); ``aggregate_overflow()``
     counts keys the LRU map evicted or failed to insert; ``netns_knobs()`` gives the
     be_liberal/loose/ignore_invalid_rst/log_invalid/checksum values each probe saw per
@@ -20,6 +23,7 @@ Every expected failure raises ProbeError whose message is one user-facing line.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
 import sys
@@ -232,11 +236,13 @@ class Probe:
 
     def __init__(self, plan: AttachPlan | None = None, *, aggregate: bool = False, events: bool = True,
                  ringbuf_pages: int = 256, filters: "ProbeFilters|None" = None,
-                 agg_entries: int = 16384):
+                 agg_entries: int = 16384, backlog: int = 65536):
         if not (aggregate or events):
             raise ProbeError("nothing to do: enable events or aggregate")
         if ringbuf_pages < 1 or ringbuf_pages & (ringbuf_pages - 1):
             raise ProbeError(f"ringbuf_pages must be a power of two, not {ringbuf_pages}")
+        if backlog < 1:
+            raise ProbeError(f"backlog must be at least 1 event, not {backlog}")
         self.plan = plan
         self.aggregate = aggregate
         self.events = events
@@ -245,6 +251,11 @@ class Probe:
         self.agg_entries = agg_entries
         self._bpf = None
         self._pending: list[Event] = []
+        # Raw records copied out of the ring buffer, not yet decoded (bounded: backlog).
+        self.backlog = backlog
+        self._raw: collections.deque[bytes] = collections.deque()
+        self._user_lost = 0              # backlog full, or discarded at exit
+        self._kernel_lost_at_close = 0
         self._knobs: dict[int, dict] = {}
         self._clock_offset = 0.0
         self.decode_errors = 0
@@ -325,6 +336,11 @@ class Probe:
 
     def close(self) -> None:
         """Detach everything; idempotent."""
+        if self._bpf is not None:
+            try:
+                self._kernel_lost_at_close = self._kernel_lost()
+            except Exception:
+                pass
         b, self._bpf = self._bpf, None
         if b is not None:
             try:
@@ -340,45 +356,90 @@ class Probe:
         self.close()
 
     # -- events
+    # The callback only copies: decoding costs tens of microseconds of Python per event,
+    # and while a callback runs the kernel's ring buffer keeps filling. Copied records wait
+    # in a bounded backlog, so a burst is delivered late rather than lost.
+    _DECODE_SLICE = 64      # decode this many, then drain the kernel's ring again
+
     def _on_event(self, _ctx, data, size) -> None:
         try:
-            try:
-                raw = ctypes.string_at(data, min(size, EVENT_SIZE))
-                rec = parse_record(raw)
-                ev = decode_record(rec, self._clock_offset)
-            except Exception:
-                self.decode_errors += 1
+            if len(self._raw) >= self.backlog:
+                self._user_lost += 1
                 return
-            knobs = record_knobs(rec)
-            if knobs is not None:
-                self._knobs[rec.netns] = knobs
-            self._pending.append(ev)
+            self._raw.append(ctypes.string_at(data, min(size, EVENT_SIZE)))
         except KeyboardInterrupt:
             # Ctrl-C (or SIGTERM, which the CLI turns into it) landed inside this ctypes
             # callback, where ctypes would print and swallow it: carry it out of poll().
             self._interrupted = True
 
-    def poll(self, timeout_ms: int = 100) -> list[Event]:
-        """Events decoded since the last poll (waits up to timeout_ms for the first).
-        Raises KeyboardInterrupt if one arrived while events were being decoded."""
-        if self._bpf is None:
-            raise ProbeError("probe not started")
-        if self.events:
-            self._bpf.ring_buffer_poll(timeout_ms)
+    def _drain_kernel(self, timeout_ms: int) -> None:
+        if self._raw:
+            self._bpf.ring_buffer_consume()          # decoding is behind: do not wait
         else:
-            time.sleep(timeout_ms / 1000)
-        out, self._pending = self._pending, []
+            self._bpf.ring_buffer_poll(timeout_ms)
         if self._interrupted:
             self._interrupted = False
-            self._pending = out          # not lost: a caller that goes on gets them next
             raise KeyboardInterrupt
+
+    def _decode_one(self, raw: bytes) -> Optional[Event]:
+        try:
+            rec = parse_record(raw)
+            ev = decode_record(rec, self._clock_offset)
+        except Exception:
+            self.decode_errors += 1
+            return None
+        knobs = record_knobs(rec)
+        if knobs is not None:
+            self._knobs[rec.netns] = knobs
+        return ev
+
+    def poll(self, timeout_ms: int = 100) -> list[Event]:
+        """Events decoded since the last poll: waits up to timeout_ms for the first, and
+        spends about as long decoding a backlog.  A KeyboardInterrupt that arrives while
+        it works is raised; nothing decoded or copied so far is lost by it."""
+        if self._bpf is None:
+            raise ProbeError("probe not started")
+        out, self._pending = self._pending, []
+        if not self.events:
+            time.sleep(timeout_ms / 1000)
+            return out
+        try:
+            self._drain_kernel(timeout_ms)
+            deadline = time.monotonic() + timeout_ms / 1000
+            while self._raw:
+                for _ in range(min(self._DECODE_SLICE, len(self._raw))):
+                    ev = self._decode_one(self._raw[0])
+                    self._raw.popleft()
+                    if ev is not None:
+                        out.append(ev)
+                if time.monotonic() >= deadline:
+                    break
+                self._drain_kernel(0)
+        except KeyboardInterrupt:
+            self._pending = out          # a caller that goes on gets them next
+            raise
         return out
 
-    def lost_events(self) -> int:
-        """Events the kernel could not put in the ring buffer (full), cumulative."""
-        if self._bpf is None:
-            return 0
+    def backlog_len(self) -> int:
+        """Records copied from the kernel and not decoded yet."""
+        return len(self._raw)
+
+    def discard_backlog(self) -> int:
+        """Drop the undecoded records (a run ending now will not show them); they count
+        as lost.  Returns how many."""
+        n = len(self._raw)
+        self._raw.clear()
+        self._user_lost += n
+        return n
+
+    def _kernel_lost(self) -> int:
         return sum(int(v) for v in self._bpf["lost"][0]) if self.events else 0
+
+    def lost_events(self) -> int:
+        """Events that never became Events, cumulative: the kernel's ring buffer was full,
+        the backlog was full, or they were discarded undecoded at exit."""
+        kernel_lost = self._kernel_lost() if self._bpf is not None else self._kernel_lost_at_close
+        return kernel_lost + self._user_lost
 
     def netns_knobs(self) -> dict[int, dict]:
         """{netns inode: {be_liberal, loose, ignore_invalid_rst, log_invalid, checksum}} as the probes read them."""

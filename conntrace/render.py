@@ -219,17 +219,24 @@ def _compact_distance(d: Optional[int]) -> str:
 
 def lost_line(count: int, total: int) -> str:
     return (f"!! {fmt_int(count)} events lost between kernel and user space "
-            f"({fmt_int(total)} so far); counts in `conntrace top` stay exact")
+            f"({fmt_int(total)} so far); the kernel's counts stay exact (footer, `conntrace top`)")
 
 
 def trace_footer(shown: int, filtered: int, lost: int, seconds: float) -> str:
     parts = [f"{fmt_int(shown)} event{'s' if shown != 1 else ''} shown"]
     if filtered:
         parts.append(f"{fmt_int(filtered)} filtered out")
-    parts.append(f"{fmt_int(lost)} lost" + (" (ring buffer full; `top` counts stay exact)"
-                                             if lost else ""))
+    parts.append(f"{fmt_int(lost)} lost" + (" (user space could not keep up)" if lost else ""))
     parts.append(f"{seconds:.1f} s")
     return "-- " + ", ".join(parts)
+
+
+def kernel_counted_line(counted: int, by_reason) -> str:
+    """The in-kernel counters' total for the same filters: exact even when events were lost."""
+    text = f"-- the kernel counted {fmt_int(counted)} while conntrace was attached"
+    if by_reason:
+        text += ": " + ", ".join(f"{reason} {fmt_int(n)}" for reason, n in by_reason.most_common())
+    return text
 
 
 def trace_legend() -> str:

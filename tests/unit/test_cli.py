@@ -54,12 +54,21 @@ class FakeProbe:
     lost_script = []
     agg_script = []
 
-    def __init__(self, plan=None, *, aggregate=False, events=True, ringbuf_pages=256, filters=None):
+    backlog_script = 0            # records still undecoded when the run ends
+
+    def __init__(self, plan=None, *, aggregate=False, events=True, ringbuf_pages=256, filters=None,
+                 backlog=65536):
         self.plan, self.aggregate, self.events, self.filters = plan, aggregate, events, filters
+        self.backlog = backlog
         self.closed = self.started = False
         self.polls = 0
         self.reads = 0
+        self.discarded = None
         FakeProbe.instances.append(self)
+
+    def discard_backlog(self):
+        self.discarded = FakeProbe.backlog_script
+        return self.discarded
 
     def start(self):
         self.started = True
@@ -75,7 +84,7 @@ class FakeProbe:
 
     def lost_events(self):
         idx = min(self.polls, len(FakeProbe.lost_script)) - 1
-        return FakeProbe.lost_script[idx] if idx >= 0 else 0
+        return (FakeProbe.lost_script[idx] if idx >= 0 else 0) + (self.discarded or 0)
 
     def read_aggregates(self):
         self.reads += 1
@@ -108,6 +117,7 @@ def fake_module(plan_error=None):
 @pytest.fixture
 def fake(monkeypatch):
     FakeProbe.instances, FakeProbe.batches, FakeProbe.lost_script, FakeProbe.agg_script = [], [], [], []
+    FakeProbe.backlog_script = 0
     monkeypatch.setattr(cli_mod, "load_probe", lambda: fake_module())
     monkeypatch.setattr(cli_mod, "is_root", lambda: True)
     monkeypatch.setattr(cli_mod.time, "sleep", lambda s: None)
@@ -138,7 +148,9 @@ def test_trace_live_table_count_and_footer(fake):
     assert "compiling and attaching" in r.stderr
     assert sum(1 for l in lines if l.split()[1:2] == ["SEQ_OVER"]) == 3
     assert "4 events shown" in r.output and "0 lost" in r.output
-    assert fake.instances[0].closed and fake.instances[0].events and not fake.instances[0].aggregate
+    p = fake.instances[0]
+    assert p.closed and p.events and p.aggregate
+    assert p.discarded is None           # stopped by --count: what waited is not "lost"
     assert "Advice:" in r.output
 
 
@@ -165,6 +177,69 @@ def test_trace_lost_events_footer_line_and_record(fake, tmp_path):
     assert sum(d["count"] for d in lost) == 7 and lost[-1]["total"] == 7
     assert records[-1]["lost"] == 7
     assert all(d["schema"] == 1 for d in records)
+
+
+def _seq_over_rows(n_a, n_b):
+    return [Row(4026531840, 4, "203.0.113.7", "10.0.0.5", 51514, None, "SEQ_OVER", "invalid",
+                n_a, n_a * 40, 1.0, 2.0),
+            Row(4026531840, 4, "198.51.100.23", "10.0.0.5", 8080, None, "INVALID_RST", "invalid",
+                n_b, n_b * 40, 1.0, 2.0)]
+
+
+def test_trace_under_a_flood_gives_the_kernels_exact_totals(fake, tmp_path):
+    # 2 events reached us, 3 were discarded undecoded at the end, the kernel counted 10 005
+    fake.batches = [[make_event(), make_event()]]
+    fake.lost_script = [0, 9000]
+    fake.backlog_script = 3
+    fake.agg_script = [_seq_over_rows(10_000, 5)]
+    out = tmp_path / "rec.ndjson"
+    r = run("trace", "--duration", "0.01", "--write", str(out), "--backlog", "100")
+    assert r.exit_code == 0, r.output
+    p = fake.instances[0]
+    assert p.backlog == 100 and p.discarded == 3
+    assert "9 003 lost" in r.output.replace("\u2009", " ")
+    counted = [l for l in r.output.splitlines() if "the kernel counted" in l]
+    assert counted and "10 005" in counted[0].replace("\u2009", " ")
+    assert "SEQ_OVER 10 000" in counted[0].replace("\u2009", " ") and "INVALID_RST 5" in counted[0]
+    # the advice sees every packet the kernel counted, not only the two shown
+    assert "10 000" in r.output.split("Advice:")[1].replace("\u2009", " ") or \
+        "10000" in r.output.split("Advice:")[1]
+    # the recording carries them too: a replay has the exact per-peer totals
+    records = [json.loads(l) for l in out.read_text().splitlines()]
+    assert records[-1]["counted"] == 10_005
+    unseen = [d for d in records if d["type"] == "omitted"]
+    assert {(d["peer"], d["reason"], d["count"]) for d in unseen} == \
+        {("203.0.113.7", "SEQ_OVER", 9_998), ("198.51.100.23", "INVALID_RST", 5)}
+    top = run("top", "--from", str(out), "--json")
+    snap = json.loads(top.stdout.splitlines()[-1])
+    assert {g["label"]: g["packets"] for g in snap["groups"]} == \
+        {"203.0.113.7": 10_000, "198.51.100.23": 5}
+
+
+def test_trace_kernel_totals_obey_the_filters(fake):
+    fake.batches = [[make_event()]]
+    fake.agg_script = [_seq_over_rows(40, 5)]
+    r = run("trace", "--duration", "0.01", "--reason", "SEQ_OVER", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout.splitlines()[-1])
+    assert summary["type"] == "summary" and summary["counted"] == 40 and summary["events"] == 1
+    r = run("trace", "--duration", "0.01", "--peer", "198.51.100.0/24", "--json")
+    summary = json.loads(r.stdout.splitlines()[-1])
+    assert summary["counted"] == 5
+
+
+def test_trace_kernel_totals_are_anonymized_with_the_events(fake, tmp_path):
+    fake.batches = [[make_event(saddr="203.0.113.7")]]
+    fake.agg_script = [_seq_over_rows(50, 0)]
+    out = tmp_path / "rec.ndjson"
+    r = run("trace", "--duration", "0.01", "--write", str(out), "--anonymize")
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    assert "203.0.113.7" not in text and "203.0.113.7" not in r.output
+    unseen = [json.loads(l) for l in text.splitlines() if json.loads(l)["type"] == "omitted"]
+    event = [json.loads(l) for l in text.splitlines() if json.loads(l)["type"] == "event"][0]
+    # the pseudonym of the shown event's sender is the one its unseen packets are counted under
+    assert [(d["peer"], d["count"]) for d in unseen] == [(event["saddr"], 49)]
 
 
 def test_trace_json_is_ndjson_with_summary(fake):

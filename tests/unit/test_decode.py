@@ -402,6 +402,9 @@ class _FakeBpf:
     def ring_buffer_poll(self, timeout):
         pass
 
+    def ring_buffer_consume(self):
+        pass
+
     def cleanup(self):
         self.cleaned += 1
 

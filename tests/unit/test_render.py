@@ -66,7 +66,7 @@ def test_off_by_recomputed_when_decode_gave_none():
 
 def test_footer_mentions_lost_events():
     text = render.trace_footer(10, 2, 7, 3.0)
-    assert "7 lost" in text and "ring buffer" in text and "2 filtered out" in text
+    assert "7 lost" in text and "could not keep up" in text and "2 filtered out" in text
     assert "0 lost" in render.trace_footer(1, 0, 0, 1.0)
 
 
