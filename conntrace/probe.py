@@ -437,9 +437,9 @@ class Probe:
 
     def lost_events(self) -> int:
         """Events that never became Events, cumulative: the kernel's ring buffer was full,
-        the backlog was full, or they were discarded undecoded at exit."""
+        the backlog was full, they were discarded undecoded at exit, or could not be decoded."""
         kernel_lost = self._kernel_lost() if self._bpf is not None else self._kernel_lost_at_close
-        return kernel_lost + self._user_lost
+        return kernel_lost + self._user_lost + self.decode_errors
 
     def netns_knobs(self) -> dict[int, dict]:
         """{netns inode: {be_liberal, loose, ignore_invalid_rst, log_invalid, checksum}} as the probes read them."""

@@ -13,6 +13,7 @@ Artifacts in DIR:
   trace.out / .err      its table and stderr; trace-lifecycle.json: exit status, probes
                         registered before and after Ctrl-C
   flood.json, top.ndjson `conntrace top --json` during a 100 000-segment flood from 3 peers
+  floodtrace.ndjson     `conntrace trace --json` during the same flood
   middlebox.json        the seed story, be_liberal 0 then 1
   mbtop.ndjson          `conntrace top --json` during it; report/ from `conntrace report`
   apply.json            `conntrace advise --apply` on one of two namespaces
@@ -129,15 +130,21 @@ def step_trace(out: Path) -> None:
 
 
 def step_top(out: Path) -> None:
-    """`conntrace top --json` during a flood from three peers in known proportions."""
+    """`conntrace top --json` and `conntrace trace --json` during one flood from three peers
+    in known proportions: top must count it exactly, trace must show or count as lost every
+    segment and give the kernel's exact total."""
     top = Background(out, "top", conntrace("top", "--json", "--interval", "1"))
+    tracer = Background(out, "floodtrace", conntrace("trace", "--json"))
     top.wait_ready()
+    tracer.wait_ready()
     rc = run([sys.executable, "-m", "tests.lab.flood", "peers", "--count", *map(str, FLOOD_COUNTS),
               "--out", str(out / "flood.json")], out, "flood", timeout=900)
     time.sleep(3.0)  # two more snapshots after the last segment
     result = top.interrupt()
     result["flood_rc"] = rc
+    result["trace"] = tracer.interrupt()
     os.replace(out / "top.out", out / "top.ndjson")
+    os.replace(out / "floodtrace.out", out / "floodtrace.ndjson")
     (out / "top-lifecycle.json").write_text(json.dumps(result, indent=1))
 
 

@@ -173,6 +173,30 @@ def test_top_counts_a_flood_exactly(suite):
     assert sum(per_peer.get(p, 0) for p in flood["injected"]) == flood["ct_delta"]["invalid"]
 
 
+def test_trace_under_a_flood_shows_or_counts_every_segment_and_the_exact_total(suite):
+    _steps_ok(suite, "top")
+    flood = suite.json("flood.json")
+    lifecycle = suite.json("top-lifecycle.json")["trace"]
+    assert lifecycle["rc"] == 0, suite.text("floodtrace.err")[-2000:]
+    recs = _records(suite.dir / "floodtrace.ndjson")
+    events = [r for r in recs if r.get("type") == "event"]
+    lost = [r for r in recs if r.get("type") == "lost"]
+    summaries = [r for r in recs if r.get("type") == "summary"]
+    assert summaries, suite.text("floodtrace.err")[-2000:]
+    summary = summaries[-1]
+    print(f"{suite.klass}: trace during a {flood['total']} segment flood: {summary['events']} shown, "
+          f"{summary['lost']} counted lost, kernel total {summary.get('counted')}")
+    assert summary["events"] == len(events)
+    assert sum(r["count"] for r in lost) == summary["lost"]
+    assert summary["events"] + summary["lost"] == flood["total"] == flood["ct_delta"]["invalid"]
+    assert summary["counted"] == flood["total"]
+    per_peer: dict = {}
+    for e in events:
+        per_peer[e["saddr"]] = per_peer.get(e["saddr"], 0) + 1
+    assert set(per_peer) <= set(flood["injected"])
+    assert all(per_peer[p] <= n for p, n in flood["injected"].items() if p in per_peer)
+
+
 def test_middlebox_stalls_without_be_liberal_and_completes_with_it(suite):
     _steps_ok(suite, "middlebox")
     mb = suite.json("middlebox.json")

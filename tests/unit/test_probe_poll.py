@@ -99,6 +99,7 @@ def test_undecodable_records_are_counted_not_raised(probe):
     probe._bpf.queued = [b"1", b"bad", b"2"]
     assert probe.poll(timeout_ms=1) == [1, 2]
     assert probe.decode_errors == 1
+    assert probe.lost_events() == 1      # never silently: an undecodable record counts as lost
 
 
 def test_discarded_backlog_counts_as_lost_and_survives_close(probe):
