@@ -75,7 +75,8 @@ def capacity(g: dict) -> str:
                 km = fl.get("kmsg") or {}
                 ok = (f"{100 * (fl['injected'] - fl['reported']) / fl['injected']:.1f}% not logged; "
                       f"{km.get('conntrack_readable', '?')} still readable in the kernel's ring buffer")
-            rows.append([LABELS[tool], fl["rate_asked"] or "max", _f(fl.get("rate_achieved"), "{:.0f}"),
+            label = LABELS[tool] + (f" --backlog {t['backlog']}" if t.get("backlog") else "")
+            rows.append([label, fl["rate_asked"] or "max", _f(fl.get("rate_achieved"), "{:.0f}"),
                          fl["injected"], fl["ct_invalid_delta"], fl["reported"], _f(fl.get("lost"), "{}"),
                          _f(fl.get("tool_cpu_seconds")), _f(fl.get("catch_up_seconds")), ok])
     if not rows:
