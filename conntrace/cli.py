@@ -22,8 +22,8 @@ import click
 
 from . import __version__
 from .advise import APPLY, AdviceInput, advise as run_rules
-from .aggregate import (GROUPINGS, from_probe_rows, group_rows, recording_span, rows_from_events,
-                        with_rates)
+from .aggregate import (GROUPINGS, CountRow, from_probe_rows, group_rows, recording_span,
+                        rows_from_events, with_rates)
 from .anonymize import Anonymizer
 from .events import REASONS, VERDICTS, SCHEMA_VERSION, RECORD_TOP, RECORD_SUMMARY
 from .ndjson import RecordingError, Writer, dumps, read_recording
@@ -326,7 +326,11 @@ def trace(as_json, write_path, peers, port, netns, reasons, verdicts, count, dur
             session.writer.lost(rec.lost, (rec.summary or {}).get("ended") or 0.0)
         times = [e.time for e in session.budget.kept]
         span = (max(times) - min(times)) if times else 0.0
-        session.finish(span, meta=rec.meta, summary=rec.summary)
+        # what the kernel counted and no event showed (a live trace writes it as omitted)
+        unseen = [] if session.count_reached() else [
+            o for o in rec.omitted if keep.matches_row(CountRow(
+                netns=o["netns"], peer=o["peer"], reason=o["reason"], verdict=o["verdict"]))]
+        session.finish(span, meta=rec.meta, summary=rec.summary, unseen=unseen)
         return
     mod = load_probe()
     require_root("trace")
@@ -443,22 +447,28 @@ class TraceSession:
             click.echo(render.lost_line(new, cumulative))
 
     def finish(self, seconds: float, meta: Optional[dict] = None, summary: Optional[dict] = None,
-               kernel_rows=None):
+               kernel_rows=None, unseen=None):
         """Footer, summary record and advice.  kernel_rows: the in-kernel counters (live
-        runs), which also count the events that never reached us."""
+        runs), which also count the events that never reached us; unseen: those counts as
+        a recording keeps them (replay)."""
         meta = meta or {}
         summary = summary or {}
         sysctls = dict(meta.get("sysctls") or {})
         sysctls.update(summary.get("sysctls") or {})
-        unseen, counted = [], summary.get("counted")
+        unseen = list(unseen or ())
+        if self.anon is not None:
+            unseen = [self.anon.record(u) for u in unseen]
+        counted = None
         if kernel_rows is not None:
             if self.anon is not None:
                 kernel_rows = [replace(r, peer=self.anon.address(r.peer)) for r in kernel_rows]
             unseen = _unseen(kernel_rows, self.budget)
             counted = sum(r.packets for r in kernel_rows)
+        rows = rows_from_events(self.budget.kept, self.budget.omitted_records() + unseen)
+        if counted is None and summary.get("counted") is not None and unseen is not None:
+            counted = sum(r.packets for r in rows)   # a replay: the file kept the kernel's counts
         inp = AdviceInput(events=self.budget.kept,
-                          rows=rows_from_events(self.budget.kept,
-                                                self.budget.omitted_records() + unseen),
+                          rows=rows,
                           sysctls=sysctls, netns_names=meta.get("netns_names") or {},
                           own_netns=meta.get("own_netns"),
                           kernel=(meta.get("host") or {}).get("kernel"))
@@ -480,9 +490,9 @@ class TraceSession:
         if not self.header_done:
             click.echo(render.trace_header())
         click.echo(render.trace_footer(self.shown, self.filtered, self.lost, seconds))
-        if unseen or (counted is not None and counted != self.shown):
+        if counted is not None and (unseen or counted != self.shown):
             by_reason = Counter()
-            for r in kernel_rows or ():
+            for r in rows:
                 by_reason[r.reason] += r.packets
             click.echo(render.kernel_counted_line(counted, by_reason))
         if self.shown:

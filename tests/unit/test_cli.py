@@ -210,6 +210,11 @@ def test_trace_under_a_flood_gives_the_kernels_exact_totals(fake, tmp_path):
     unseen = [d for d in records if d["type"] == "omitted"]
     assert {(d["peer"], d["reason"], d["count"]) for d in unseen} == \
         {("203.0.113.7", "SEQ_OVER", 9_998), ("198.51.100.23", "INVALID_RST", 5)}
+    replay = run("trace", "--from", str(out))
+    line = [l for l in replay.output.splitlines() if "the kernel counted" in l]
+    assert line and line[0] == counted[0]                 # the same view as live
+    replay = run("trace", "--from", str(out), "--reason", "INVALID_RST", "--json")
+    assert json.loads(replay.stdout.splitlines()[-1])["counted"] == 5
     top = run("top", "--from", str(out), "--json")
     snap = json.loads(top.stdout.splitlines()[-1])
     assert {g["label"]: g["packets"] for g in snap["groups"]} == \
