@@ -143,34 +143,25 @@ class EventFilter:
         self.reasons, self.verdicts = set(reasons), set(verdicts)
 
     def __call__(self, ev) -> bool:
-        if self.netns is not None and ev.netns != self.netns:
-            return False
         if self.port is not None and self.port not in (ev.sport, ev.dport):
             return False
-        if self.reasons and ev.reason not in self.reasons:
-            return False
-        if self.verdicts and ev.verdict not in self.verdicts:
-            return False
-        if self.peers:
-            try:
-                addrs = [ipaddress.ip_address(ev.saddr), ipaddress.ip_address(ev.daddr)]
-            except ValueError:
-                return False
-            if not any(a in net for a in addrs for net in self.peers if a.version == net.version):
-                return False
-        return True
+        return self._passes(ev.netns, ev.reason, ev.verdict, (ev.saddr, ev.daddr))
 
     def matches_row(self, row) -> bool:
         """The same filters on an in-kernel counter (no ports: --port is applied in-kernel)."""
-        if self.netns is not None and row.netns != self.netns:
+        local = (row.local or "").rsplit(":", 1)[0].strip("[]")
+        return self._passes(row.netns, row.reason, row.verdict, (row.peer, local))
+
+    def _passes(self, netns, reason, verdict, addresses) -> bool:
+        if self.netns is not None and netns != self.netns:
             return False
-        if self.reasons and row.reason not in self.reasons:
+        if self.reasons and reason not in self.reasons:
             return False
-        if self.verdicts and row.verdict not in self.verdicts:
+        if self.verdicts and verdict not in self.verdicts:
             return False
         if self.peers:
             addrs = []
-            for text in (row.peer, (row.local or "").rsplit(":", 1)[0].strip("[]")):
+            for text in addresses:
                 try:
                     addrs.append(ipaddress.ip_address(text))
                 except ValueError:
