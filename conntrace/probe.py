@@ -421,14 +421,16 @@ class Probe:
         return out
 
     def backlog_len(self) -> int:
-        """Records copied from the kernel and not decoded yet."""
-        return len(self._raw)
+        """Records copied from the kernel and not returned by poll() yet."""
+        return len(self._raw) + len(self._pending)
 
     def discard_backlog(self) -> int:
-        """Drop the undecoded records (a run ending now will not show them); they count
+        """Drop what poll() has not returned (a run ending now will not show it): records
+        not decoded yet, and events decoded when a Ctrl-C cut poll() short.  They count
         as lost.  Returns how many."""
-        n = len(self._raw)
+        n = self.backlog_len()
         self._raw.clear()
+        self._pending = []
         self._user_lost += n
         return n
 

@@ -138,6 +138,21 @@ def test_keyboard_interrupt_while_decoding_keeps_what_was_decoded(probe, monkeyp
     monkeypatch.setattr(probe_mod, "decode_record", decode)
     with pytest.raises(KeyboardInterrupt):
         probe.poll(timeout_ms=1)
-    assert probe.backlog_len() == 1       # the record being decoded is still there
+    assert probe.backlog_len() == 3       # 2 decoded, 1 still raw: none of them lost
     monkeypatch.setattr(probe_mod, "decode_record", lambda rec, off: int(rec))
     assert probe.poll(timeout_ms=1) == [1, 2, 3]
+
+
+def test_a_run_cut_short_counts_decoded_but_unreturned_events_as_lost(probe, monkeypatch):
+    probe._bpf.queued = [b"1", b"2", b"3", b"4"]
+
+    def decode(rec, off):
+        if rec == b"3":
+            raise KeyboardInterrupt
+        return int(rec)
+    monkeypatch.setattr(probe_mod, "decode_record", decode)
+    with pytest.raises(KeyboardInterrupt):
+        probe.poll(timeout_ms=1)
+    # the CLI stops here: 1 and 2 were decoded but never shown, 3 and 4 never decoded
+    assert probe.discard_backlog() == 4
+    assert probe.lost_events() == 4 and probe.backlog_len() == 0
