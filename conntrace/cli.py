@@ -87,23 +87,45 @@ def require_root(command: str):
                    "(replaying a recording with --from FILE needs no root)")
 
 
+class StopRequest:
+    """What SIGINT/SIGTERM asked for.  Normally the signal raises KeyboardInterrupt at once;
+    inside ``deferred()`` it only sets ``requested``, for work that must not be cut in half
+    (a batch of events being shown: each is shown or counted as lost, never half-done)."""
+
+    def __init__(self):
+        self.requested = False
+        self._deferring = False
+
+    def handler(self, signum, frame):
+        self.requested = True
+        if not self._deferring:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+
+
 @contextlib.contextmanager
 def stop_on_signals():
     """SIGTERM and SIGINT stop the command: its finally blocks detach the probe.
 
     SIGINT is handled even when it was ignored at start: a shell starts `conntrace top &`
     with SIGINT ignored, and `kill -INT` must still stop it cleanly."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+    stop = StopRequest()
     saved = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             saved[sig] = signal.getsignal(sig)
-            signal.signal(sig, handler)
+            signal.signal(sig, stop.handler)
         except ValueError:  # not the main thread (tests): Ctrl-C handling still applies
             saved.pop(sig, None)
     try:
-        yield
+        yield stop
     finally:
         for sig, old in saved.items():
             signal.signal(sig, old)
@@ -340,7 +362,7 @@ def trace(as_json, write_path, peers, port, netns, reasons, verdicts, count, dur
     probe = mod.Probe(plan, aggregate=True, events=True, backlog=backlog,
                       filters=_probe_filters(mod, netns, port))
     kernel_rows = None
-    with stop_on_signals():
+    with stop_on_signals() as stop:
         try:
             probe.start()
             started = time.time()   # --duration counts from attach, not from the compile
@@ -348,14 +370,17 @@ def trace(as_json, write_path, peers, port, netns, reasons, verdicts, count, dur
             click.echo(f"Tracing conntrack INVALID/ignored TCP segments (rung {plan.rung})"
                        "... Hit Ctrl-C to end.", err=True)
             done = False
-            while not done:
+            while not (done or stop.requested):
                 if duration and time.time() - started >= duration:
                     break
-                for ev in probe.poll(timeout_ms=100):
-                    if session.offer(ev, keep):
-                        done = True
-                        break
-                session.note_lost(probe.lost_events())
+                # Ctrl-C waits for the batch (one poll: ~0.1 s of waiting plus decoding):
+                # cut in the middle, its rest would be neither shown nor counted.
+                with stop.deferred():
+                    for ev in probe.poll(timeout_ms=100):
+                        if session.offer(ev, keep):
+                            done = True
+                            break
+                    session.note_lost(probe.lost_events())
         except KeyboardInterrupt:
             pass
         finally:

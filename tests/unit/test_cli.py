@@ -646,3 +646,25 @@ def test_sigint_stops_even_when_the_shell_started_us_with_it_ignored():
         assert sig.getsignal(sig.SIGINT) == sig.SIG_IGN    # restored afterwards
     finally:
         sig.signal(sig.SIGINT, before)
+
+
+def test_ctrl_c_during_a_batch_lets_the_batch_finish_then_stops():
+    """Every event poll() returned is shown (or counted lost): Ctrl-C waits for the batch."""
+    import signal as sig
+
+    def sigint():
+        os.kill(os.getpid(), sig.SIGINT)
+        for _ in range(1000):      # the handler runs between bytecodes
+            pass
+    shown, batches = [], 0
+    with cli_mod.stop_on_signals() as stop:
+        while not stop.requested:
+            batches += 1
+            with stop.deferred():
+                for i in range(5):
+                    if i == 1:
+                        sigint()
+                    shown.append(i)
+        assert shown == [0, 1, 2, 3, 4] and batches == 1
+        with pytest.raises(KeyboardInterrupt):     # outside deferred(): at once
+            sigint()
