@@ -224,7 +224,7 @@ def targets(res: dict) -> list[tuple[str, bool | None, str]]:
             verdict = None if shown < last["senders"] // 2 else b - a < 128
             out.append((name, verdict,
                         f"RSS {a} → {b} MiB, but only {shown:,} of {last['senders']:,} events reached user "
-                        f"space ({last.get('lost')} lost in the ring buffer): not a test of the user side"
+                        f"space ({last.get('lost')} lost between kernel and user space): not a test of the user side"
                         if verdict is None else f"RSS {a} → {b} MiB for {shown:,} events"))
     return out
 
