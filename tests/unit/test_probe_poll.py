@@ -128,16 +128,20 @@ def test_keyboard_interrupt_inside_the_callback_leaves_poll(probe, monkeypatch):
     assert probe.poll(timeout_ms=1) == [6]
 
 
-def test_keyboard_interrupt_while_decoding_keeps_what_was_decoded(probe, monkeypatch):
-    probe._bpf.queued = [b"1", b"2", b"3"]
-
+def _interrupt_decoding_at(probe, monkeypatch, record: bytes):
+    """A Ctrl-C arrives while poll() decodes `record`."""
     def decode(rec, off):
-        if rec == b"3":
+        if rec == record:
             raise KeyboardInterrupt
         return int(rec)
     monkeypatch.setattr(probe_mod, "decode_record", decode)
     with pytest.raises(KeyboardInterrupt):
         probe.poll(timeout_ms=1)
+
+
+def test_keyboard_interrupt_while_decoding_keeps_what_was_decoded(probe, monkeypatch):
+    probe._bpf.queued = [b"1", b"2", b"3"]
+    _interrupt_decoding_at(probe, monkeypatch, b"3")
     assert probe.backlog_len() == 3       # 2 decoded, 1 still raw: none of them lost
     monkeypatch.setattr(probe_mod, "decode_record", lambda rec, off: int(rec))
     assert probe.poll(timeout_ms=1) == [1, 2, 3]
@@ -145,14 +149,7 @@ def test_keyboard_interrupt_while_decoding_keeps_what_was_decoded(probe, monkeyp
 
 def test_a_run_cut_short_counts_decoded_but_unreturned_events_as_lost(probe, monkeypatch):
     probe._bpf.queued = [b"1", b"2", b"3", b"4"]
-
-    def decode(rec, off):
-        if rec == b"3":
-            raise KeyboardInterrupt
-        return int(rec)
-    monkeypatch.setattr(probe_mod, "decode_record", decode)
-    with pytest.raises(KeyboardInterrupt):
-        probe.poll(timeout_ms=1)
+    _interrupt_decoding_at(probe, monkeypatch, b"3")
     # the CLI stops here: 1 and 2 were decoded but never shown, 3 and 4 never decoded
     assert probe.discard_backlog() == 4
     assert probe.lost_events() == 4 and probe.backlog_len() == 0
