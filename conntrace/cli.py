@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-from collections import Counter
-from dataclasses import replace
 import json
 import os
 import shutil
 import signal
 import sys
 import time
+from collections import Counter
+from dataclasses import replace
 from typing import Optional
 
 import click
@@ -481,7 +481,7 @@ class TraceSession:
             unseen = _unseen(kernel_rows, self.budget)
             counted = sum(r.packets for r in kernel_rows)
         rows = rows_from_events(self.budget.kept, self.budget.omitted_records() + unseen)
-        if counted is None and summary.get("counted") is not None and unseen is not None:
+        if counted is None and summary.get("counted") is not None:
             counted = sum(r.packets for r in rows)   # a replay: the file kept the kernel's counts
         inp = AdviceInput(events=self.budget.kept,
                           rows=rows,

@@ -73,7 +73,8 @@ def qemu_command(k: Kernel, initrd: Path, run: Path, mode: str, root: Path | Non
     # translation of code the other vCPU is patching: a 6.12 guest died in CI at boot with an
     # int3 oops in sched_clock_cpu while its static key flipped. Round-robin TCG cannot race
     # that way. Cost measured here: BCC's compile no slower (one thread anyway), a class's lab
-    # suite ≈9.5 min instead of ≈7.5 min.
+    # suite ≈9.5 min instead of ≈7.5 min with the same checks; anything run beside a compile
+    # in the guest now shares its core.
     cmd = ["qemu-system-x86_64", "-accel", "tcg,thread=single", "-cpu", "qemu64", "-smp", str(smp), "-m", memory,
            "-nodefaults", "-no-reboot", "-display", "none", "-nic", "none",
            "-kernel", k.vmlinux if pvh else k.bzimage, "-initrd", str(initrd), "-append", " ".join(append),

@@ -379,7 +379,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     run_p.add_argument("--timeout", type=float, default=60.0,
                        help="hard cap per transfer, seconds (default 60)")
     run_p.add_argument("--stall-after", type=float, default=STALL_AFTER,
-                       help="seconds without progress that count as a stall (default 6; 0: off)")
+                       help=f"seconds without progress that count as a stall (default {STALL_AFTER:g}; 0: off)")
     run_p.add_argument("--loss-every", type=int, default=200,
                        help="drop every Nth server->client data segment (default 200, i.e. 0.5%%; "
                             "0: none). Each loss costs the liberal run one RTO, so more loss "
